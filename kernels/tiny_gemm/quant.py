@@ -1,0 +1,222 @@
+"""Group-wise asymmetric INT4 weight quantization and the packed format the kernels read.
+
+Format (``Int4Weight``), for a weight of nn.Linear shape [N, K] (out_features, in_features):
+
+* ``packed``: uint8 [ceil(K / 2), N], row-major. Byte ``packed[r, n]`` holds the code of
+  k = 2r in its low nibble and k = 2r + 1 in its high nibble. N is contiguous so a tile of
+  BLOCK_K x BLOCK_N codes is one coalesced load of BLOCK_K / 2 rows. Four consecutive rows,
+  read as a little-endian int32, are exactly one row of an AutoGPTQ ``qweight`` (eight codes
+  along K, lowest nibble first), so GPTQ checkpoints convert with a byte permutation.
+* ``scales`` and ``zeros``: [K // group_size, N] in one float dtype (fp16, bf16 or fp32);
+  zeros may be fractional (HQQ / GemLite convention).
+* dequantized weight: ``w[n, k] = (code[n, k] - zeros[k // G, n]) * scales[k // G, n]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GROUP_SIZES = (32, 64, 128, 256)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _require(cond: bool, exc: type[Exception], msg: str) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def _check_group_size(group_size: int | None, K: int, arg: str = "group_size") -> int:
+    """Return the effective group size (K for one group per row) or raise ValueError."""
+    if group_size is None or group_size == -1:
+        return K
+    _require(isinstance(group_size, int) and not isinstance(group_size, bool), TypeError,
+             f"{arg} must be an int in {GROUP_SIZES} or None, got {type(group_size).__name__}")
+    _require(group_size in GROUP_SIZES or group_size == K, ValueError,
+             f"{arg} must be one of {GROUP_SIZES} or None (one group per row), got {group_size}")
+    _require(K % group_size == 0, ValueError,
+             f"K = {K} (in_features) is not a multiple of {arg} = {group_size}")
+    return group_size
+
+
+def pack_codes(codes_kn: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [K, N] in 0..15 -> packed uint8 [ceil(K/2), N] (even k in the low nibble)."""
+    K, N = codes_kn.shape
+    if K % 2:
+        codes_kn = torch.cat([codes_kn, codes_kn.new_zeros(1, N)])
+    c = codes_kn.to(torch.uint8)
+    return (c[0::2] | (c[1::2] << 4)).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """packed uint8 [ceil(K/2), N] -> uint8 codes [K, N]."""
+    lo, hi = packed & 0xF, packed >> 4
+    return torch.stack([lo, hi], dim=1).reshape(-1, packed.shape[1])[:K]
+
+
+@dataclass(eq=False)
+class Int4Weight:
+    """A packed INT4 weight of logical shape ``shape = (N, K)``; see the module docstring."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        N, K = self.shape
+        _require(self.packed.dtype == torch.uint8, TypeError,
+                 f"packed must be uint8, got {self.packed.dtype}")
+        _require(tuple(self.packed.shape) == ((K + 1) // 2, N), ValueError,
+                 f"packed must be [{(K + 1) // 2}, {N}] for shape {self.shape}, got {list(self.packed.shape)}")
+        _require(self.scales.dtype in FLOAT_DTYPES, TypeError,
+                 f"scales must be one of {FLOAT_DTYPES}, got {self.scales.dtype}")
+        _require(self.zeros.dtype == self.scales.dtype, TypeError,
+                 f"zeros dtype {self.zeros.dtype} differs from scales dtype {self.scales.dtype}")
+        _require(K % self.group_size == 0, ValueError,
+                 f"K = {K} is not a multiple of group_size = {self.group_size}")
+        groups = (K // self.group_size, N)
+        for name in ("scales", "zeros"):
+            t = getattr(self, name)
+            _require(tuple(t.shape) == groups, ValueError,
+                     f"{name} must be [K // group_size, N] = {list(groups)}, got {list(t.shape)}")
+        _require(self.packed.device == self.scales.device == self.zeros.device, ValueError,
+                 "packed, scales and zeros must be on one device")
+        self.packed = self.packed.contiguous()
+        self.scales = self.scales.contiguous()
+        self.zeros = self.zeros.contiguous()
+
+    # --- properties -------------------------------------------------------------------------
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.scales.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes a GEMM must read for this weight: packed codes, scales and zeros."""
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
+
+    def to(self, device) -> "Int4Weight":
+        return Int4Weight(self.packed.to(device), self.scales.to(device), self.zeros.to(device),
+                          self.group_size, self.shape)
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes, uint8 [N, K]."""
+        return unpack_codes(self.packed, self.in_features).t().contiguous()
+
+    # --- other formats ----------------------------------------------------------------------
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   group_size: int | None) -> "Int4Weight":
+        """From unpacked codes [N, K] (0..15) and scales, zeros [N, K // group_size] (HQQ layout)."""
+        _require(isinstance(codes, torch.Tensor) and codes.dim() == 2, ValueError,
+                 "codes must be a 2-D tensor [N, K]")
+        _require(not codes.is_floating_point() and not codes.is_complex(), TypeError,
+                 f"codes must be an integer tensor, got {codes.dtype}")
+        N, K = codes.shape
+        G = _check_group_size(group_size, K)
+        _require(bool(((codes >= 0) & (codes <= 15)).all()), ValueError, "codes must lie in 0..15")
+        _require(scales.dim() == 2 and tuple(scales.shape) == (N, K // G), ValueError,
+                 f"scales must be [N, K // group_size] = {[N, K // G]}, got {list(scales.shape)}")
+        _require(zeros.shape == scales.shape, ValueError,
+                 f"zeros must have the shape of scales {list(scales.shape)}, got {list(zeros.shape)}")
+        _require(scales.dtype in FLOAT_DTYPES, TypeError,
+                 f"scales must be one of {FLOAT_DTYPES}, got {scales.dtype}")
+        return cls(pack_codes(codes.t().to(torch.uint8)), scales.t().contiguous(),
+                   zeros.t().to(scales.dtype).contiguous(), G, (N, K))
+
+    @classmethod
+    def from_gptq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  group_size: int | None) -> "Int4Weight":
+        """From AutoGPTQ int32 tensors (no act-order): qweight [K/8, N], qzeros [K/G, N/8]
+        holding zero - 1, scales [K/G, N]."""
+        for name, t in (("qweight", qweight), ("qzeros", qzeros)):
+            _require(isinstance(t, torch.Tensor) and t.dtype == torch.int32, TypeError,
+                     f"{name} must be an int32 tensor")
+            _require(t.dim() == 2, ValueError, f"{name} must be 2-D, got {t.dim()}-D")
+        K, N = qweight.shape[0] * 8, qweight.shape[1]
+        G = _check_group_size(group_size, K)
+        _require(tuple(scales.shape) == (K // G, N), ValueError,
+                 f"scales must be [K // group_size, N] = {[K // G, N]}, got {list(scales.shape)}")
+        _require(N % 8 == 0 and tuple(qzeros.shape) == (K // G, N // 8), ValueError,
+                 f"qzeros must be [K // group_size, N // 8] = {[K // G, N // 8]}, got {list(qzeros.shape)}")
+        _require(scales.dtype in FLOAT_DTYPES, TypeError,
+                 f"scales must be one of {FLOAT_DTYPES}, got {scales.dtype}")
+        # Four int32 rows of eight nibbles are sixteen of our byte rows: a byte permutation.
+        packed = (qweight.contiguous().view(torch.uint8).reshape(K // 8, N, 4)
+                  .permute(0, 2, 1).reshape(K // 2, N).contiguous())
+        shifts = torch.arange(0, 32, 4, device=qzeros.device, dtype=torch.int32)
+        z = ((qzeros.unsqueeze(-1) >> shifts) & 0xF).reshape(K // G, N) + 1
+        return cls(packed, scales.contiguous(), z.to(scales.dtype), G, (N, K))
+
+    def to_gptq(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qweight [K/8, N], qzeros [K/G, N/8], scales [K/G, N]) in the AutoGPTQ int32 layout."""
+        N, K = self.shape
+        _require(K % 8 == 0 and N % 8 == 0, ValueError,
+                 f"the GPTQ layout needs K and N multiples of 8, got shape {self.shape}")
+        z = self.zeros.float()
+        _require(bool(((z == z.round()) & (z >= 1) & (z <= 16)).all()), ValueError,
+                 "zeros must be integers in 1..16 to be stored as GPTQ qzeros (zero - 1 in 4 bits)")
+        qweight = (self.packed.reshape(K // 8, 4, N).permute(0, 2, 1).flatten()
+                   .view(torch.int32).reshape(K // 8, N))
+        zc = (z - 1).to(torch.uint8)
+        qzeros = (zc[:, 0::2] | (zc[:, 1::2] << 4)).flatten().view(torch.int32).reshape(-1, N // 8)
+        return qweight, qzeros, self.scales.clone()
+
+
+def quantize(w: torch.Tensor, group_size: int | None = 128) -> Int4Weight:
+    """Asymmetric round-to-nearest INT4 quantization of w [N, K] in groups along K.
+
+    Each group's range is widened to include 0, so zeros are integers in 0..15 and an
+    all-zero group is exact. Scales are rounded to w's dtype before the codes are chosen,
+    so the stored scales are the ones the codes were fitted to.
+    """
+    _require(isinstance(w, torch.Tensor), TypeError, f"w must be a torch.Tensor, got {type(w).__name__}")
+    _require(w.dtype in FLOAT_DTYPES, TypeError, f"w must be one of {FLOAT_DTYPES}, got {w.dtype}")
+    _require(w.dim() == 2, ValueError, f"w must be 2-D [N, K] (nn.Linear layout), got shape {list(w.shape)}")
+    N, K = w.shape
+    _require(N > 0 and K > 0, ValueError, f"w must be non-empty, got shape {list(w.shape)}")
+    G = _check_group_size(group_size, K)
+    wg = w.float().reshape(N, K // G, G)
+    lo = wg.amin(-1).clamp(max=0.0)
+    hi = wg.amax(-1).clamp(min=0.0)
+    scale = ((hi - lo) / 15.0)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(w.dtype).float()
+    zero = (-lo / scale).round().clamp(0, 15)
+    codes = (wg / scale.unsqueeze(-1) + zero.unsqueeze(-1)).round().clamp(0, 15).to(torch.uint8)
+    return Int4Weight(pack_codes(codes.reshape(N, K).t()), scale.t().to(w.dtype).contiguous(),
+                      zero.t().to(w.dtype).contiguous(), G, (N, K))
+
+
+def dequantize(qw: Int4Weight) -> torch.Tensor:
+    """[N, K] weight in the scales' dtype (computed in fp32, rounded once)."""
+    _require(isinstance(qw, Int4Weight), TypeError, f"qw must be an Int4Weight, got {type(qw).__name__}")
+    return dequantize_float(qw, torch.float32).to(qw.dtype)
+
+
+def dequantize_float(qw: Int4Weight, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """[N, K] weight in a wide float dtype, for references."""
+    N, K = qw.shape
+    G = qw.group_size
+    codes = unpack_codes(qw.packed, K).to(dtype).reshape(K // G, G, N)
+    w = (codes - qw.zeros.to(dtype).unsqueeze(1)) * qw.scales.to(dtype).unsqueeze(1)
+    return w.reshape(K, N).t()
+
+
+def quantization_error(w: torch.Tensor, qw: Int4Weight) -> float:
+    """Relative Frobenius error ||w - dequantize(qw)|| / ||w||, in float64."""
+    w64 = w.double()
+    return float(torch.linalg.norm(w64 - dequantize_float(qw).to(w64.device)) / torch.linalg.norm(w64))

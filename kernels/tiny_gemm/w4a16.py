@@ -1,0 +1,482 @@
+"""W4A16 GEMM: y[M, N] = x[M, K] @ dequantize(qw).T with packed INT4 weights.
+
+One tile body (``_mac_tile``: load x and packed codes, unpack, tensor-core dot, group scaling)
+serves three work decompositions, which differ only in which (tile, K-range) a program owns
+and in how partial tiles are reduced:
+
+* ``dp``      one program per output tile, full K (Triton tutorial 03 grid, grouped swizzle);
+* ``splitk``  grid (tiles, S): program (t, s) owns the s-th K-range of tile t (Hoque et al. 2024);
+* ``streamk`` P persistent programs split the flattened (tile, K-iteration) space into P
+              contiguous, near-equal ranges (Osama et al. 2023).
+
+Reduction of partial tiles (``_reduce_partial``), the same for SplitK and StreamK: each
+contributor publishes its fp32 partial, then takes a ticket from a per-tile counter; the one
+that draws the last ticket sums the tile, writes it and resets the counter. Nobody waits on
+anybody, so it also runs under TRITON_INTERPRET=1, where programs run one after the other.
+
+* deterministic=False: partials are fp32 atomic adds into one accumulator per tile, as in the
+  SplitK paper but in fp32 for fp16 and bf16 alike; the order of the adds varies from run to
+  run, so the last bits may too.
+* deterministic=True: each contributor writes its own slot; the last one sums the slots in
+  K order, so the result is bitwise reproducible on a given GPU and configuration.
+
+The counters and the atomic accumulators are zero at rest (every launch leaves them as it
+found them), so they are cached per device and need no memset per call. Calls that run
+concurrently on different streams of one device must not share them: run them on one stream.
+
+Dequantization without int->float conversions: for codes q in 0..15, the 16-bit pattern
+``q | 0x6400`` is the fp16 number 1024 + q, and ``q | 0x4300`` the bf16 number 128 + q, both
+exact. The dot product therefore sees (OFFSET + q), and the offset joins the zero point in the
+per-group epilogue: y += s * (sum_k x_k (OFFSET + q_k) - (z + OFFSET) * sum_k x_k).
+Tiles never straddle a group (BLOCK_K divides the group size), so scales are applied once per
+tile on [BLOCK_M, BLOCK_N] instead of once per weight.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import triton
+import triton.language as tl
+
+from .quant import Int4Weight, _require, dequantize_float
+
+DECOMPOSITIONS = ("dp", "splitk", "streamk")
+BACKENDS = ("auto", "triton", "torch")
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# (magic bit pattern, the number it adds) per activation dtype
+_MAGIC = {torch.float16: (0x6400, 1024.0), torch.bfloat16: (0x4300, 128.0)}
+
+
+# ------------------------------------------------------------------------------------------
+# Device code
+# ------------------------------------------------------------------------------------------
+@triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Grouped ordering of output tiles (Triton tutorial 03): GROUP_M row-tiles share weights."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((tile_id % num_pid_in_group) % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
+              M, N, K, group_size, stride_xm,
+              MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              DOT_FP32: tl.constexpr):
+    """acc += x[tile rows, K-iterations it_lo..it_hi) @ W[same K, tile cols], fp32.
+
+    DOT_FP32 upcasts the operands (exactly) before the dot: the Triton interpreter (3.6 to 3.9)
+    multiplies bf16 operands as their raw uint16 bit patterns. Never set on a GPU."""
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, HALF_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    packed_rows = (K + 1) // 2
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_r[:, None] * N + offs_n[None, :]
+    for it in range(it_lo, it_hi):
+        k0 = it * BLOCK_K
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+        p = tl.load(w_ptrs + (k0 // 2) * N,
+                    mask=(offs_r[:, None] < packed_rows - k0 // 2) & mask_n[None, :], other=0)
+        p = p.to(tl.int16)
+        lo = ((p & 0xF) | MAGIC).to(x.dtype, bitcast=True)    # OFFSET + code of k = 2r
+        hi = ((p >> 4) | MAGIC).to(x.dtype, bitcast=True)     # OFFSET + code of k = 2r + 1
+        w = tl.join(lo, hi).permute(0, 2, 1).reshape(BLOCK_K, BLOCK_N)
+        if DOT_FP32:
+            dot = tl.dot(x.to(tl.float32), w.to(tl.float32))
+        else:
+            dot = tl.dot(x, w)
+        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        g = k0 // group_size
+        s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + MAGIC_OFFSET
+        acc += s[None, :] * (dot - x_sum[:, None] * z[None, :])
+    return acc
+
+
+@triton.jit
+def _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_partial(acc, tile_id, j, n_parts, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
+                    M, N, stride_om, SLOTS,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DETERMINISTIC: tl.constexpr):
+    """Contributor j of n_parts to tile tile_id; the last to arrive writes the tile."""
+    TILE: tl.constexpr = BLOCK_M * BLOCK_N
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    if DETERMINISTIC:
+        tl.store(ws_ptr + (tile_id * SLOTS + j) * TILE + offs, acc)
+    else:
+        tl.atomic_add(ws_ptr + tile_id * TILE + offs, acc, sem="relaxed")
+    # every thread's partial is issued before one thread releases it with the counter
+    tl.debug_barrier()
+    ticket = tl.atomic_add(lock_ptr + tile_id, 1, sem="acq_rel")
+    if ticket == n_parts - 1:
+        if DETERMINISTIC:
+            total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+            for i in range(0, n_parts):   # K order, whatever the arrival order
+                total += tl.load(ws_ptr + (tile_id * SLOTS + i) * TILE + offs, cache_modifier=".cg")
+        else:
+            total = tl.load(ws_ptr + tile_id * TILE + offs, cache_modifier=".cg")
+            tl.store(ws_ptr + tile_id * TILE + offs, tl.zeros_like(total))
+        _store_tile(out_ptr, total, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
+        tl.store(lock_ptr + tile_id, 0)
+
+
+@triton.jit
+def _w4a16_dp_kernel(
+        # pointers
+        x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
+        # sizes
+        M, N, K, group_size,
+        # strides (the weight, scales and zeros are contiguous with row stride N)
+        stride_xm, stride_om,
+        # meta-parameters
+        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, 0, tl.cdiv(K, BLOCK_K),
+                    M, N, K, group_size, stride_xm, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
+                    DOT_FP32)
+    _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _w4a16_splitk_kernel(
+        # pointers
+        x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
+        # sizes
+        M, N, K, group_size,
+        # strides
+        stride_xm, stride_om,
+        # decomposition: each of the n_splits programs of a tile owns iters_per_split K-iterations
+        iters_per_split, n_splits,
+        # meta-parameters
+        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        DETERMINISTIC: tl.constexpr):
+    tile_id = tl.program_id(0)
+    split = tl.program_id(1)
+    pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    it_lo = split * iters_per_split
+    it_hi = min(it_lo + iters_per_split, tl.cdiv(K, BLOCK_K))
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
+                    M, N, K, group_size, stride_xm, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
+                    DOT_FP32)
+    _reduce_partial(acc, tile_id, split, n_splits, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
+                    M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, DETERMINISTIC)
+
+
+@triton.jit
+def _streamk_owner(it, q, r):
+    """The program whose range holds flattened iteration it (ranges: r of q + 1, then q)."""
+    boundary = (q + 1) * r
+    return tl.where(it < boundary, it // (q + 1), r + (it - boundary) // q)
+
+
+@triton.jit
+def _w4a16_streamk_kernel(
+        # pointers
+        x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
+        # sizes
+        M, N, K, group_size,
+        # strides
+        stride_xm, stride_om,
+        # decomposition: total = q * P + r iterations; program p owns q (+1 if p < r) of them
+        q, r, slots,
+        # meta-parameters
+        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        DETERMINISTIC: tl.constexpr):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_iters = tl.cdiv(K, BLOCK_K)
+    it = pid * q + min(pid, r)
+    end = it + q + (pid < r).to(tl.int32)
+    while it < end:
+        tile_id = it // k_iters
+        k_lo = it - tile_id * k_iters
+        k_hi = min(k_iters, k_lo + (end - it))
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, k_lo, k_hi,
+                        M, N, K, group_size, stride_xm, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
+                    DOT_FP32)
+        if (k_lo == 0) & (k_hi == k_iters):
+            _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
+        else:
+            first = _streamk_owner(tile_id * k_iters, q, r)
+            last = _streamk_owner(tile_id * k_iters + k_iters - 1, q, r)
+            _reduce_partial(acc, tile_id, pid - first, last - first + 1, pid_m, pid_n,
+                            out_ptr, ws_ptr, lock_ptr, M, N, stride_om, slots,
+                            BLOCK_M, BLOCK_N, DETERMINISTIC)
+        it += k_hi - k_lo
+
+
+# ------------------------------------------------------------------------------------------
+# Configurations
+# ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class W4A16Config:
+    """Launch configuration. ``split_k`` is read by splitk, ``programs`` by streamk
+    (0: one per SM); block_k is clamped to the group size."""
+
+    decomposition: str = "dp"
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 1
+    programs: int = 0
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        _require(self.decomposition in DECOMPOSITIONS, ValueError,
+                 f"config.decomposition must be one of {DECOMPOSITIONS}, got {self.decomposition!r}")
+        for name in ("block_m", "block_n", "block_k"):
+            v = getattr(self, name)
+            _require(v >= 16 and v & (v - 1) == 0, ValueError,
+                     f"config.{name} must be a power of two >= 16, got {v}")
+        _require(self.split_k >= 1, ValueError, f"config.split_k must be >= 1, got {self.split_k}")
+        _require(self.programs >= 0, ValueError, f"config.programs must be >= 0, got {self.programs}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def gpu_slug(name: str) -> str:
+    """File-name form of a GPU name: 'NVIDIA H100 80GB HBM3' -> 'nvidia_h100_80gb_hbm3'."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+@lru_cache(maxsize=None)
+def _device_info(device: torch.device) -> tuple[str, int]:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return props.name, props.multi_processor_count
+    return "cpu", 4   # the interpreter: a few programs exercise the same code paths
+
+
+@lru_cache(maxsize=None)
+def load_config_table(gpu_name: str) -> dict:
+    """The tuned table of a GPU: {(K, N, group_size): {M: entry}}; empty if none is shipped."""
+    path = CONFIG_DIR / f"{gpu_slug(gpu_name)}.json"
+    if not path.exists():
+        return {}
+    table: dict = {}
+    for e in json.loads(path.read_text())["entries"]:
+        table.setdefault((e["K"], e["N"], e["group_size"]), {})[e["M"]] = e
+    return table
+
+
+def heuristic_config(M: int, N: int, K: int, group_size: int, sm_count: int) -> W4A16Config:
+    """Fallback when no tuned entry exists: enough programs to cover the SMs twice over."""
+    if M > 16:
+        bm = 64 if M <= 64 else 128
+        return W4A16Config("dp", block_m=bm, block_n=128, block_k=64, num_warps=8 if bm == 128 else 4)
+    bn = 64 if N >= 2048 else 32
+    bk = 128
+    tiles = triton.cdiv(N, bn)
+    k_iters = triton.cdiv(K, min(bk, group_size) if group_size < K else bk)
+    split = max(1, min(16, k_iters, (2 * sm_count) // tiles))
+    if split == 1:
+        return W4A16Config("dp", block_n=bn, block_k=bk)
+    return W4A16Config("splitk", block_n=bn, block_k=bk, split_k=split)
+
+
+def select_config(M: int, N: int, K: int, group_size: int, device: torch.device,
+                  decomposition: str = "auto", split_k: int | None = None) -> W4A16Config:
+    """The configuration w4a16_matmul uses: the tuned table of this GPU, else the heuristic."""
+    gpu, sms = _device_info(device)
+    cfg = None
+    entries = load_config_table(gpu).get((K, N, group_size)) if M <= 16 else None
+    if entries:
+        bucket = min((m for m in entries if m >= M), default=max(entries))
+        e = entries[bucket]
+        name = e["auto"] if decomposition == "auto" else decomposition
+        if decomposition == "auto" and split_k is not None:
+            name = "splitk"
+        if name in e["best"]:
+            cfg = W4A16Config(**e["best"][name])
+    if cfg is None:
+        cfg = heuristic_config(M, N, K, group_size, sms)
+        if device.type != "cuda":   # the interpreter pays per tile-iteration: few, wide tiles
+            cfg = replace(cfg, block_n=128)
+        if split_k is not None:
+            cfg = replace(cfg, decomposition="splitk")
+        elif decomposition != "auto" and decomposition != cfg.decomposition:
+            cfg = replace(cfg, decomposition=decomposition,
+                          split_k=max(cfg.split_k, 4) if decomposition == "splitk" else cfg.split_k)
+    if split_k is not None:
+        cfg = replace(cfg, split_k=split_k)
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------
+# Scratch buffers that are zero at rest
+# ------------------------------------------------------------------------------------------
+_ZEROED: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _zeroed_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A zero-filled buffer that the kernels leave zero-filled. Cached per device outside CUDA
+    graph capture; a capture that finds the cache too small gets its own (captured) zeros."""
+    key = (device, dtype)
+    buf = _ZEROED.get(key)
+    if buf is not None and buf.numel() >= numel:
+        return buf[:numel]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(numel, dtype=dtype, device=device)
+    buf = torch.zeros(max(numel, 2 * (buf.numel() if buf is not None else 0), 1024),
+                      dtype=dtype, device=device)
+    _ZEROED[key] = buf
+    return buf[:numel]
+
+
+# ------------------------------------------------------------------------------------------
+# Host entry points
+# ------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def w4a16_reference(x: torch.Tensor, qw: Int4Weight, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """x @ dequantize(qw).T computed in `dtype` (float64 for tests), shape [..., N]."""
+    w = dequantize_float(qw, dtype).to(x.device)
+    return (x.to(dtype) @ w.t())
+
+
+def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Config,
+            deterministic: bool) -> None:
+    M, K = x2.shape
+    N = qw.out_features
+    G = qw.group_size
+    bk = cfg.block_k if G >= K else min(cfg.block_k, G)
+    bk = max(bk, 16)
+    bm, bn = cfg.block_m, cfg.block_n
+    magic, offset = _MAGIC[x2.dtype]
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    k_iters = triton.cdiv(K, bk)
+    common = dict(MAGIC=magic, MAGIC_OFFSET=offset,
+                  DOT_FP32=_interpreting() and x2.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                  GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    args = (x2, qw.packed, qw.scales, qw.zeros, out2)
+    sizes = (M, N, K, G, x2.stride(0), out2.stride(0))
+    if cfg.decomposition == "dp":
+        _w4a16_dp_kernel[(tiles,)](*args, *sizes, **common)
+        return
+
+    if cfg.decomposition == "splitk":
+        per = triton.cdiv(k_iters, min(cfg.split_k, k_iters))
+        parts = triton.cdiv(k_iters, per)          # no empty splits
+        grid = (tiles, parts)
+        slots = parts
+    else:
+        programs = cfg.programs or _device_info(x2.device)[1]
+        total = tiles * k_iters
+        programs = min(programs, total)
+        q, r = divmod(total, programs)
+        grid = (programs,)
+        slots = triton.cdiv(k_iters, q) + 1        # most programs that can share one tile
+    locks = _zeroed_scratch(x2.device, torch.int32, tiles)
+    if deterministic:
+        ws = torch.empty(tiles * slots * bm * bn, dtype=torch.float32, device=x2.device)
+    else:
+        ws = _zeroed_scratch(x2.device, torch.float32, tiles * bm * bn)
+    if cfg.decomposition == "splitk":
+        _w4a16_splitk_kernel[grid](*args, ws, locks, *sizes, per, parts,
+                                   DETERMINISTIC=deterministic, **common)
+    else:
+        _w4a16_streamk_kernel[grid](*args, ws, locks, *sizes, q, r, slots,
+                                    DETERMINISTIC=deterministic, **common)
+
+
+def w4a16_matmul(x: torch.Tensor, qw: Int4Weight, decomposition: str = "auto",
+                 split_k: int | None = None, deterministic: bool = False, backend: str = "auto",
+                 *, config: W4A16Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ dequantize(qw).T for x [..., K] fp16/bf16 -> [..., N] in x's dtype (fp32 accumulation).
+
+    decomposition: "auto" (tuned table of this GPU, else a heuristic), "dp", "splitk", "streamk".
+    split_k: number of K-splits (splitk; with "auto" it selects splitk).
+    deterministic: bitwise-reproducible SplitK/StreamK reductions (DP always is).
+    backend: "auto" (Triton on CUDA tensors or under TRITON_INTERPRET=1, else PyTorch),
+             "triton" or "torch".
+    config: an explicit W4A16Config (overrides decomposition and split_k); out: result buffer.
+    """
+    _require(isinstance(qw, Int4Weight), TypeError, f"qw must be a tiny_gemm.Int4Weight, got {type(qw).__name__}")
+    _require(isinstance(x, torch.Tensor), TypeError, f"x must be a torch.Tensor, got {type(x).__name__}")
+    _require(x.dtype in _MAGIC, TypeError, f"x must be float16 or bfloat16, got {x.dtype}")
+    _require(x.dim() >= 1, ValueError, "x must have at least one dimension [..., K]")
+    N, K = qw.shape
+    _require(x.shape[-1] == K, ValueError,
+             f"x.shape[-1] = {x.shape[-1]} does not match qw's in_features K = {K}")
+    _require(x.device == qw.device, ValueError,
+             f"x is on {x.device} but qw is on {qw.device}; move them to one device")
+    _require(decomposition in ("auto",) + DECOMPOSITIONS, ValueError,
+             f"decomposition must be one of {('auto',) + DECOMPOSITIONS}, got {decomposition!r}")
+    _require(backend in BACKENDS, ValueError, f"backend must be one of {BACKENDS}, got {backend!r}")
+    _require(isinstance(deterministic, bool), TypeError, "deterministic must be a bool")
+    if split_k is not None:
+        _require(isinstance(split_k, int) and not isinstance(split_k, bool), TypeError,
+                 f"split_k must be an int or None, got {type(split_k).__name__}")
+        _require(split_k >= 1, ValueError, f"split_k must be >= 1, got {split_k}")
+        _require(decomposition in ("auto", "splitk"), ValueError,
+                 f"split_k applies to decomposition='splitk', not {decomposition!r}")
+    _require(config is None or isinstance(config, W4A16Config), TypeError,
+             "config must be a tiny_gemm.W4A16Config or None")
+
+    lead = x.shape[:-1]
+    M = x.numel() // K
+    if out is None:
+        out = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
+    else:
+        _require(isinstance(out, torch.Tensor), TypeError, "out must be a torch.Tensor")
+        _require(out.dtype == x.dtype, TypeError, f"out must have x's dtype {x.dtype}, got {out.dtype}")
+        _require(tuple(out.shape) == (*lead, N), ValueError,
+                 f"out must have shape {[*lead, N]}, got {list(out.shape)}")
+        _require(out.device == x.device, ValueError, f"out is on {out.device}, x on {x.device}")
+        _require(out.is_contiguous(), ValueError, "out must be contiguous")
+    if M == 0:
+        return out
+
+    use_triton = backend == "triton" or (backend == "auto" and (x.is_cuda or _interpreting()))
+    if backend == "triton":
+        _require(x.is_cuda or _interpreting(), ValueError,
+                 "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
+    if not use_triton:
+        out.copy_(w4a16_reference(x, qw, torch.float32).to(x.dtype))
+        return out
+
+    x2 = x.reshape(M, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    cfg = config or select_config(M, N, K, qw.group_size, x.device, decomposition, split_k)
+    _launch(x2, qw, out.view(M, N), cfg, deterministic)
+    return out
