@@ -1,6 +1,8 @@
 """w4a16_matmul against the float64 reference: every decomposition, both dtypes, every group size,
 odd shapes, poisoned outputs, determinism, and bad input. Without a GPU the Triton kernels run
 under the interpreter, so the shapes here are small; the GPU adds Llama-size shapes."""
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -48,12 +50,22 @@ def test_decompositions_odd_shapes(M, decomposition, dtype, deterministic):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("decomposition", DECOMPS)
+@pytest.mark.parametrize("M", [1, 3])
+def test_fma_path(M, decomposition, dtype):
+    """block_m = 1: one activation row per program, FMAs instead of tensor cores."""
+    x, qw = make(M, 1000, 384, 128, dtype, seed=M + 40)
+    run_checked(x, qw, config=replace(SMALL[decomposition], block_m=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decomposition", DECOMPS)
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256, None])
 def test_group_sizes(group_size, decomposition, dtype):
     K = 3 * (group_size or 100)          # per-row groups on a K that is no power of two
     x, qw = make(5, 72, K, group_size, dtype, seed=7)
     cfg = W4A16Config(decomposition, block_n=64, block_k=128, split_k=4, programs=3)
     run_checked(x, qw, config=cfg)
+    run_checked(x[:1], qw, config=replace(cfg, block_m=1))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -91,8 +103,7 @@ def test_torch_backend_matches():
 @pytest.mark.parametrize("decomposition", ["splitk", "streamk"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_deterministic_is_bitwise_reproducible(decomposition, dtype):
-    """deterministic=True sums partials in K order: repeated calls agree to the bit. (Under the
-    interpreter every path is; on a GPU the atomic path may differ in the last bits.)"""
+    """Partial tiles are summed in K order: repeated calls agree to the bit."""
     x, qw = make(2, 200, 512, 128, dtype, seed=9)
     cfg = SMALL[decomposition]
     first = run_checked(x, qw, config=cfg, deterministic=True)
@@ -101,7 +112,7 @@ def test_deterministic_is_bitwise_reproducible(decomposition, dtype):
         assert torch.equal(first, again)
 
 
-def test_dp_is_bitwise_reproducible_across_splits_of_nothing():
+def test_dp_is_bitwise_reproducible():
     x, qw = make(2, 200, 512, 128, torch.float16)
     a = w4a16_matmul(x, qw, decomposition="dp")
     b = w4a16_matmul(x, qw, decomposition="dp")
@@ -121,7 +132,8 @@ def test_empty_batch():
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
 def test_fuzz_shapes(M, N, groups, group_size, decomposition, dtype, seed):
     x, qw = make(M, N, groups * group_size, group_size, dtype, seed=seed)
-    cfg = W4A16Config(decomposition, block_n=64, block_k=64, split_k=1 + seed % 4, programs=1 + seed % 7)
+    cfg = W4A16Config(decomposition, block_m=1 if seed % 3 == 0 else 16, block_n=64, block_k=64,
+                      split_k=1 + seed % 4, programs=1 + seed % 7)
     run_checked(x, qw, config=cfg, deterministic=bool(seed % 2))
 
 
@@ -207,8 +219,9 @@ def test_gpu_deterministic_many_runs(decomposition):
     first = run_checked(x, qw, config=cfg, deterministic=True)
     for _ in range(20):
         assert torch.equal(first, w4a16_matmul(x, qw, config=cfg, deterministic=True))
-    # the atomic path is right, if not bitwise stable
-    run_checked(x, qw, config=cfg, deterministic=False)
+    # an earlier atomic-add reduction gave wrong rows at M = 16 in 3 of 20 SplitK runs here
+    for _ in range(20):
+        run_checked(x, qw, config=cfg, deterministic=False)
 
 
 @pytest.mark.gpu

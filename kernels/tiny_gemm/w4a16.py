@@ -1,7 +1,7 @@
 """W4A16 GEMM: y[M, N] = x[M, K] @ dequantize(qw).T with packed INT4 weights.
 
-One tile body (``_mac_tile``: load x and packed codes, unpack, tensor-core dot, group scaling)
-serves three work decompositions, which differ only in which (tile, K-range) a program owns
+One tile body (``_mac_tile``: load x and packed codes, unpack, multiply-accumulate, group
+scaling; tensor-core dots, or FMAs for a single activation row) serves three work decompositions, which differ only in which (tile, K-range) a program owns
 and in how partial tiles are reduced:
 
 * ``dp``      one program per output tile, full K (Triton tutorial 03 grid, grouped swizzle);
@@ -10,24 +10,24 @@ and in how partial tiles are reduced:
               contiguous, near-equal ranges (Osama et al. 2023).
 
 Reduction of partial tiles (``_reduce_partial``), the same for SplitK and StreamK: each
-contributor publishes its fp32 partial, then takes a ticket from a per-tile counter; the one
-that draws the last ticket sums the tile, writes it and resets the counter. Nobody waits on
-anybody, so it also runs under TRITON_INTERPRET=1, where programs run one after the other.
+contributor writes its fp32 partial to its own slot, fences, then takes a ticket from a
+per-tile counter; the one that draws the last ticket sums the slots in K order, writes the
+tile and resets the counter. Nobody waits on anybody, so it also runs under
+TRITON_INTERPRET=1, where programs run one after the other, and the sum has one order, so
+every decomposition is bitwise reproducible on a given GPU and configuration. (The SplitK
+paper's fp32 atomic adds into one accumulator gave wrong rows at M = 16 on an H200 in our
+first version and were removed; the ordered sum costs M x N x splits x 8 bytes of traffic.)
 
-* deterministic=False: partials are fp32 atomic adds into one accumulator per tile, as in the
-  SplitK paper but in fp32 for fp16 and bf16 alike; the order of the adds varies from run to
-  run, so the last bits may too.
-* deterministic=True: each contributor writes its own slot; the last one sums the slots in
-  K order, so the result is bitwise reproducible on a given GPU and configuration.
+The counters are zero at rest (the last contributor resets its tile's), so they are cached
+per device and need no memset per call. Calls that run concurrently on different streams of
+one device must not share them: run them on one stream.
 
-The counters and the atomic accumulators are zero at rest (every launch leaves them as it
-found them), so they are cached per device and need no memset per call. Calls that run
-concurrently on different streams of one device must not share them: run them on one stream.
-
-Dequantization without int->float conversions: for codes q in 0..15, the 16-bit pattern
-``q | 0x6400`` is the fp16 number 1024 + q, and ``q | 0x4300`` the bf16 number 128 + q, both
-exact. The dot product therefore sees (OFFSET + q), and the offset joins the zero point in the
-per-group epilogue: y += s * (sum_k x_k (OFFSET + q_k) - (z + OFFSET) * sum_k x_k).
+Dequantization without int->float conversions (I2F runs at a quarter of the FP32 rate): for
+codes q in 0..15 the 16-bit pattern ``q | 0x6400`` is the fp16 number 1024 + q and
+``q | 0x4300`` the bf16 number 128 + q, both exact. The tensor-core path multiplies x by
+(OFFSET + q), and the offset joins the zero point in the per-group epilogue:
+y += s * (sum_k x_k (OFFSET + q_k) - (z + OFFSET) * sum_k x_k). The M = 1 path (block_m = 1,
+no tensor cores) uses the fp32 pattern 1 + q / 16 instead; see ``_mac_tile``.
 Tiles never straddle a group (BLOCK_K divides the group size), so scales are applied once per
 tile on [BLOCK_M, BLOCK_N] instead of once per weight.
 """
@@ -74,39 +74,65 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
               M, N, K, group_size, stride_xm,
               MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              DOT_FP32: tl.constexpr):
+              INTERPRET: tl.constexpr):
     """acc += x[tile rows, K-iterations it_lo..it_hi) @ W[same K, tile cols], fp32.
 
-    DOT_FP32 upcasts the operands (exactly) before the dot: the Triton interpreter (3.6 to 3.9)
-    multiplies bf16 operands as their raw uint16 bit patterns. Never set on a GPU."""
+    A byte row r of the tile holds k = 2r (low nibble) and k = 2r + 1 (high nibble), so
+    x @ W = x[:, even k] @ W_lo + x[:, odd k] @ W_hi: two dots and no interleaving of the
+    unpacked codes (a join/permute/reshape interleave ran 2x slower on an H200).
+
+    BLOCK_M == 1 (one activation row, M = 1 decode) uses no tensor cores: each weight is
+    dequantized by one FMA and multiplied by another, into a [BLOCK_K / 2, BLOCK_N]
+    accumulator reduced once at the end. The code becomes a float without an int->float
+    conversion (quarter rate, which capped this path at ~27% of the memory floor):
+    (q << 19) | 0x3F800000 is the fp32 number 1 + q / 16, exactly.
+
+    Under INTERPRET the dot operands are upcast (exactly): the Triton interpreter (3.6 to
+    3.9) multiplies bf16 operands as their raw uint16 bit patterns."""
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, HALF_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     packed_rows = (K + 1) // 2
-    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
+    xe_ptrs = x_ptr + offs_m[:, None] * stride_xm + 2 * offs_r[None, :]   # even k of the tile
     w_ptrs = w_ptr + offs_r[:, None] * N + offs_n[None, :]
+    if BLOCK_M == 1:
+        acc2 = tl.zeros((HALF_K, BLOCK_N), tl.float32)
     for it in range(it_lo, it_hi):
         k0 = it * BLOCK_K
-        x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
-        p = tl.load(w_ptrs + (k0 // 2) * N,
-                    mask=(offs_r[:, None] < packed_rows - k0 // 2) & mask_n[None, :], other=0)
-        p = p.to(tl.int16)
-        lo = ((p & 0xF) | MAGIC).to(x.dtype, bitcast=True)    # OFFSET + code of k = 2r
-        hi = ((p >> 4) | MAGIC).to(x.dtype, bitcast=True)     # OFFSET + code of k = 2r + 1
-        w = tl.join(lo, hi).permute(0, 2, 1).reshape(BLOCK_K, BLOCK_N)
-        if DOT_FP32:
-            dot = tl.dot(x.to(tl.float32), w.to(tl.float32))
-        else:
-            dot = tl.dot(x, w)
-        x_sum = tl.sum(x.to(tl.float32), axis=1)
+        r0 = k0 // 2
+        p = tl.load(w_ptrs + r0 * N, mask=(offs_r[:, None] < packed_rows - r0) & mask_n[None, :], other=0)
         g = k0 // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32) + MAGIC_OFFSET
-        acc += s[None, :] * (dot - x_sum[:, None] * z[None, :])
+        z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        if BLOCK_M == 1:
+            x_row = x_ptr + pid_m * stride_xm + k0 + 2 * offs_r
+            xe = tl.load(x_row, mask=2 * offs_r < K - k0, other=0.0).to(tl.float32)
+            xo = tl.load(x_row + 1, mask=2 * offs_r + 1 < K - k0, other=0.0).to(tl.float32)
+            p32 = p.to(tl.int32)
+            f_lo = (((p32 << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            f_hi = (((p32 << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            # (q - z) * s = f * 16s - (1 + z / 16) * 16s
+            s16 = 16.0 * s
+            c = -(1.0 + z / 16.0) * s16
+            acc2 += xe[:, None] * (f_lo * s16[None, :] + c[None, :])
+            acc2 += xo[:, None] * (f_hi * s16[None, :] + c[None, :])
+        else:
+            xe = tl.load(xe_ptrs + k0, mask=mask_m[:, None] & (2 * offs_r[None, :] < K - k0), other=0.0)
+            xo = tl.load(xe_ptrs + k0 + 1, mask=mask_m[:, None] & (2 * offs_r[None, :] + 1 < K - k0), other=0.0)
+            p16 = p.to(tl.int16)
+            lo = ((p16 & 0xF) | MAGIC).to(xe.dtype, bitcast=True)    # OFFSET + code of k = 2r
+            hi = ((p16 >> 4) | MAGIC).to(xe.dtype, bitcast=True)     # OFFSET + code of k = 2r + 1
+            if INTERPRET:
+                dot = tl.dot(xe.to(tl.float32), lo.to(tl.float32)) + tl.dot(xo.to(tl.float32), hi.to(tl.float32))
+            else:
+                dot = tl.dot(xo, hi, tl.dot(xe, lo))
+            x_sum = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)
+            acc += s[None, :] * (dot - x_sum[:, None] * (z + MAGIC_OFFSET)[None, :])
+    if BLOCK_M == 1:
+        acc += tl.sum(acc2, axis=0)[None, :]
     return acc
 
 
@@ -121,32 +147,40 @@ def _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om,
 
 
 @triton.jit
+def _fence_gpu(t, INTERPRET: tl.constexpr):
+    """fence.acq_rel.gpu in every thread that holds part of t. Stores and atomic reductions are
+    fire-and-forget: a barrier alone lets one thread's ticket overtake another's partial
+    (seen on an H200: wrong rows at M = 16 in 3 of 20 SplitK runs). Programs of the
+    interpreter run one at a time, so there it is a no-op."""
+    if not INTERPRET:
+        t = tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [t],
+                                      dtype=tl.float32, is_pure=False, pack=1)
+    return t
+
+
+@triton.jit
 def _reduce_partial(acc, tile_id, j, n_parts, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
                     M, N, stride_om, SLOTS,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DETERMINISTIC: tl.constexpr):
-    """Contributor j of n_parts to tile tile_id; the last to arrive writes the tile."""
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+    """Contributor j of n_parts to tile tile_id writes its slot; the last to arrive sums the
+    slots in K order and writes the tile."""
     TILE: tl.constexpr = BLOCK_M * BLOCK_N
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    if DETERMINISTIC:
-        tl.store(ws_ptr + (tile_id * SLOTS + j) * TILE + offs, acc)
-    else:
-        tl.atomic_add(ws_ptr + tile_id * TILE + offs, acc, sem="relaxed")
-    # every thread's partial is issued before one thread releases it with the counter
+    tl.store(ws_ptr + (tile_id * SLOTS + j) * TILE + offs, acc)
+    # every thread's partial is visible GPU-wide before one thread takes a ticket
+    acc = _fence_gpu(acc, INTERPRET)
     tl.debug_barrier()
     ticket = tl.atomic_add(lock_ptr + tile_id, 1, sem="acq_rel")
     if ticket == n_parts - 1:
-        if DETERMINISTIC:
-            total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-            for i in range(0, n_parts):   # K order, whatever the arrival order
-                total += tl.load(ws_ptr + (tile_id * SLOTS + i) * TILE + offs, cache_modifier=".cg")
-        else:
-            total = tl.load(ws_ptr + tile_id * TILE + offs, cache_modifier=".cg")
-            tl.store(ws_ptr + tile_id * TILE + offs, tl.zeros_like(total))
+        acc = _fence_gpu(acc, INTERPRET)
+        total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for i in range(0, n_parts):   # K order, whatever the arrival order
+            total += tl.load(ws_ptr + (tile_id * SLOTS + i) * TILE + offs, cache_modifier=".cg")
         _store_tile(out_ptr, total, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
         tl.store(lock_ptr + tile_id, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _w4a16_dp_kernel(
         # pointers
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
@@ -155,17 +189,17 @@ def _w4a16_dp_kernel(
         # strides (the weight, scales and zeros are contiguous with row stride N)
         stride_xm, stride_om,
         # meta-parameters
-        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, DOT_FP32: tl.constexpr,
+        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, INTERPRET: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, 0, tl.cdiv(K, BLOCK_K),
                     M, N, K, group_size, stride_xm, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
-                    DOT_FP32)
+                    INTERPRET)
     _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "iters_per_split", "n_splits"])
 def _w4a16_splitk_kernel(
         # pointers
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
@@ -176,9 +210,8 @@ def _w4a16_splitk_kernel(
         # decomposition: each of the n_splits programs of a tile owns iters_per_split K-iterations
         iters_per_split, n_splits,
         # meta-parameters
-        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, DOT_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        DETERMINISTIC: tl.constexpr):
+        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     tile_id = tl.program_id(0)
     split = tl.program_id(1)
     pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -187,9 +220,9 @@ def _w4a16_splitk_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
                     M, N, K, group_size, stride_xm, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
-                    DOT_FP32)
+                    INTERPRET)
     _reduce_partial(acc, tile_id, split, n_splits, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
-                    M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, DETERMINISTIC)
+                    M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, INTERPRET)
 
 
 @triton.jit
@@ -199,7 +232,7 @@ def _streamk_owner(it, q, r):
     return tl.where(it < boundary, it // (q + 1), r + (it - boundary) // q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "q", "r", "slots"])
 def _w4a16_streamk_kernel(
         # pointers
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, lock_ptr,
@@ -210,9 +243,8 @@ def _w4a16_streamk_kernel(
         # decomposition: total = q * P + r iterations; program p owns q (+1 if p < r) of them
         q, r, slots,
         # meta-parameters
-        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, DOT_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        DETERMINISTIC: tl.constexpr):
+        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, INTERPRET: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -227,7 +259,7 @@ def _w4a16_streamk_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, k_lo, k_hi,
                         M, N, K, group_size, stride_xm, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
-                    DOT_FP32)
+                    INTERPRET)
         if (k_lo == 0) & (k_hi == k_iters):
             _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
         else:
@@ -235,7 +267,7 @@ def _w4a16_streamk_kernel(
             last = _streamk_owner(tile_id * k_iters + k_iters - 1, q, r)
             _reduce_partial(acc, tile_id, pid - first, last - first + 1, pid_m, pid_n,
                             out_ptr, ws_ptr, lock_ptr, M, N, stride_om, slots,
-                            BLOCK_M, BLOCK_N, DETERMINISTIC)
+                            BLOCK_M, BLOCK_N, INTERPRET)
         it += k_hi - k_lo
 
 
@@ -244,7 +276,8 @@ def _w4a16_streamk_kernel(
 # ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class W4A16Config:
-    """Launch configuration. ``split_k`` is read by splitk, ``programs`` by streamk
+    """Launch configuration. block_m = 1 selects the FMA path (one activation row per
+    program, no tensor cores); ``split_k`` is read by splitk, ``programs`` by streamk
     (0: one per SM); block_k is clamped to the group size."""
 
     decomposition: str = "dp"
@@ -262,8 +295,8 @@ class W4A16Config:
                  f"config.decomposition must be one of {DECOMPOSITIONS}, got {self.decomposition!r}")
         for name in ("block_m", "block_n", "block_k"):
             v = getattr(self, name)
-            _require(v >= 16 and v & (v - 1) == 0, ValueError,
-                     f"config.{name} must be a power of two >= 16, got {v}")
+            _require((v >= 16 or (name == "block_m" and v == 1)) and v & (v - 1) == 0, ValueError,
+                     f"config.{name} must be a power of two >= 16 (block_m may be 1), got {v}")
         _require(self.split_k >= 1, ValueError, f"config.split_k must be >= 1, got {self.split_k}")
         _require(self.programs >= 0, ValueError, f"config.programs must be >= 0, got {self.programs}")
 
@@ -297,18 +330,19 @@ def load_config_table(gpu_name: str) -> dict:
 
 
 def heuristic_config(M: int, N: int, K: int, group_size: int, sm_count: int) -> W4A16Config:
-    """Fallback when no tuned entry exists: enough programs to cover the SMs twice over."""
+    """Fallback when no tuned entry exists: about eight programs per SM for decode shapes."""
     if M > 16:
         bm = 64 if M <= 64 else 128
         return W4A16Config("dp", block_m=bm, block_n=128, block_k=64, num_warps=8 if bm == 128 else 4)
+    bm = 1 if M == 1 else 16
     bn = 64 if N >= 2048 else 32
     bk = 128
-    tiles = triton.cdiv(N, bn)
+    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
     k_iters = triton.cdiv(K, min(bk, group_size) if group_size < K else bk)
-    split = max(1, min(16, k_iters, (2 * sm_count) // tiles))
+    split = max(1, min(16, k_iters, (8 * sm_count) // tiles))
     if split == 1:
-        return W4A16Config("dp", block_n=bn, block_k=bk)
-    return W4A16Config("splitk", block_n=bn, block_k=bk, split_k=split)
+        return W4A16Config("dp", block_m=bm, block_n=bn, block_k=bk)
+    return W4A16Config("splitk", block_m=bm, block_n=bn, block_k=bk, split_k=split)
 
 
 def select_config(M: int, N: int, K: int, group_size: int, device: torch.device,
@@ -343,6 +377,9 @@ def select_config(M: int, N: int, K: int, group_size: int, device: torch.device,
 # Scratch buffers that are zero at rest
 # ------------------------------------------------------------------------------------------
 _ZEROED: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+# Tests set this: the partial-tile workspace is then NaN-filled before each launch, so a
+# reduction that read a slot nobody wrote would show in the output.
+POISON_WORKSPACE = False
 
 
 def _zeroed_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -373,8 +410,8 @@ def w4a16_reference(x: torch.Tensor, qw: Int4Weight, dtype: torch.dtype = torch.
     return (x.to(dtype) @ w.t())
 
 
-def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Config,
-            deterministic: bool) -> None:
+def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Config):
+    """Launch one kernel; returns Triton's handle of the compiled kernel (for inspection)."""
     M, K = x2.shape
     N = qw.out_features
     G = qw.group_size
@@ -385,13 +422,12 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     k_iters = triton.cdiv(K, bk)
     common = dict(MAGIC=magic, MAGIC_OFFSET=offset,
-                  DOT_FP32=_interpreting() and x2.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                  INTERPRET=_interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                   GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x2, qw.packed, qw.scales, qw.zeros, out2)
     sizes = (M, N, K, G, x2.stride(0), out2.stride(0))
     if cfg.decomposition == "dp":
-        _w4a16_dp_kernel[(tiles,)](*args, *sizes, **common)
-        return
+        return _w4a16_dp_kernel[(tiles,)](*args, *sizes, **common)
 
     if cfg.decomposition == "splitk":
         per = triton.cdiv(k_iters, min(cfg.split_k, k_iters))
@@ -406,16 +442,12 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
         grid = (programs,)
         slots = triton.cdiv(k_iters, q) + 1        # most programs that can share one tile
     locks = _zeroed_scratch(x2.device, torch.int32, tiles)
-    if deterministic:
-        ws = torch.empty(tiles * slots * bm * bn, dtype=torch.float32, device=x2.device)
-    else:
-        ws = _zeroed_scratch(x2.device, torch.float32, tiles * bm * bn)
+    ws = torch.empty(tiles * slots * bm * bn, dtype=torch.float32, device=x2.device)
+    if POISON_WORKSPACE:
+        ws.fill_(float("nan"))
     if cfg.decomposition == "splitk":
-        _w4a16_splitk_kernel[grid](*args, ws, locks, *sizes, per, parts,
-                                   DETERMINISTIC=deterministic, **common)
-    else:
-        _w4a16_streamk_kernel[grid](*args, ws, locks, *sizes, q, r, slots,
-                                    DETERMINISTIC=deterministic, **common)
+        return _w4a16_splitk_kernel[grid](*args, ws, locks, *sizes, per, parts, **common)
+    return _w4a16_streamk_kernel[grid](*args, ws, locks, *sizes, q, r, slots, **common)
 
 
 def w4a16_matmul(x: torch.Tensor, qw: Int4Weight, decomposition: str = "auto",
@@ -425,7 +457,9 @@ def w4a16_matmul(x: torch.Tensor, qw: Int4Weight, decomposition: str = "auto",
 
     decomposition: "auto" (tuned table of this GPU, else a heuristic), "dp", "splitk", "streamk".
     split_k: number of K-splits (splitk; with "auto" it selects splitk).
-    deterministic: bitwise-reproducible SplitK/StreamK reductions (DP always is).
+    deterministic: ask for bitwise-reproducible results. Every decomposition currently reduces
+        partial tiles in a fixed order, so results are reproducible either way; the flag is
+        kept so that a faster non-deterministic reduction can be added behind it.
     backend: "auto" (Triton on CUDA tensors or under TRITON_INTERPRET=1, else PyTorch),
              "triton" or "torch".
     config: an explicit W4A16Config (overrides decomposition and split_k); out: result buffer.
@@ -478,5 +512,5 @@ def w4a16_matmul(x: torch.Tensor, qw: Int4Weight, decomposition: str = "auto",
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     cfg = config or select_config(M, N, K, qw.group_size, x.device, decomposition, split_k)
-    _launch(x2, qw, out.view(M, N), cfg, deterministic)
+    _launch(x2, qw, out.view(M, N), cfg)
     return out
