@@ -1,0 +1,215 @@
+"""Tune the W4A16 launch configuration per (M, K, N) on this GPU and write the table that
+tiny_gemm.w4a16.select_config reads: kernels/tiny_gemm/configs/<gpu slug>.json.
+
+    PYTHONPATH=kernels python experiments/tune_w4a16.py [--M 1,2,4,8,16] [--shapes "K,N;K,N"] [--quick] [--out PATH]
+
+For each shape and M, every candidate W4A16Config of each decomposition (dp, splitk, streamk)
+is timed by the method of bench_w4a16.py (rotated weight copies past 3x L2, one CUDA graph),
+with fewer replays. The fastest candidate that passes the float64 check is kept per
+decomposition, and the fastest decomposition becomes the entry's "auto". Entries already in
+the output file for shapes that are not re-tuned are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import torch
+import triton
+
+from tiny_gemm import timing
+from tiny_gemm.quant import Int4Weight, quantize
+from tiny_gemm.w4a16 import (CONFIG_DIR, DECOMPOSITIONS, W4A16Config, gpu_slug, w4a16_matmul,
+                             w4a16_reference)
+
+# bench_w4a16.py sits beside this file; share its helpers rather than copy them
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_w4a16 import (DEFAULT_SHAPES, GROUP_SIZE, MAX_REL_ERR, clone_int4, parse_ints,  # noqa: E402
+                         parse_shapes, shapes_arg, worst_rel_err)
+
+DEFAULT_M = (1, 2, 4, 8, 16)
+BLOCK_K = 128         # = the group size: one scale per tile
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--M", type=parse_ints, default=DEFAULT_M, help="batch rows, e.g. '1,2,4,8,16'")
+    p.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES,
+                   help=f"'K,N;K,N' (default '{shapes_arg(DEFAULT_SHAPES)}')")
+    p.add_argument("--replays", type=int, default=10, help="timed graph replays per candidate")
+    p.add_argument("--quick", action="store_true", help="a much smaller candidate space (smoke tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="table to write (default kernels/tiny_gemm/configs/<gpu slug>.json)")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------
+# Candidate space
+# ------------------------------------------------------------------------------------------
+def _programs(cfg: W4A16Config, tiles: int, k_iters: int, n_sm: int) -> int:
+    """Programs the launch of cfg runs (mirrors w4a16._launch)."""
+    if cfg.decomposition == "dp":
+        return tiles
+    if cfg.decomposition == "splitk":
+        per = triton.cdiv(k_iters, min(cfg.split_k, k_iters))
+        return tiles * triton.cdiv(k_iters, per)
+    return min(cfg.programs or n_sm, tiles * k_iters)
+
+
+def candidates(decomposition: str, M: int, N: int, K: int, n_sm: int, quick: bool = False) -> list[W4A16Config]:
+    """Candidate configs of one decomposition, pruned.
+
+    Tile shapes: block_m 16 (tensor cores; one row-tile for M <= 16) and, for M <= 2, block_m 1
+    (FMA path, one program row per activation row); block_k 128, block_n 32..256, 4 warps (and
+    8 for wide tensor-core tiles), 3 or 4 pipeline stages. split_k and programs are runtime
+    arguments, so their variants cost no compile. Pruned: launches that fill under a quarter
+    of the SMs (the weights stream from too few SMs to reach bandwidth) unless nothing else
+    is left, and variants that run the same launch as another (split_k past the K-iterations,
+    programs past the work)."""
+    stages = (3,) if quick else (3, 4)
+    splits = (4, 8) if quick else (2, 4, 8, 16)
+    program_counts = (n_sm,) if quick else (n_sm, 2 * n_sm, 4 * n_sm)
+    k_iters = triton.cdiv(K, BLOCK_K)
+    shapes = [(16, bn) for bn in ((64, 128) if quick else (32, 64, 128, 256))]
+    if M <= 2:
+        shapes += [(1, bn) for bn in ((64,) if quick else (32, 64, 128))]
+
+    out: list[tuple[int, W4A16Config]] = []
+    for bm, bn in shapes:
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        warps = (4, 8) if bm > 1 and bn >= 128 and not quick else (4,)
+        for nw in warps:
+            for ns in stages:
+                base = W4A16Config(decomposition, block_m=bm, block_n=bn, block_k=BLOCK_K,
+                                   num_warps=nw, num_stages=ns)
+                if decomposition == "dp":
+                    variants = [base]
+                elif decomposition == "splitk":
+                    variants = [replace(base, split_k=s) for s in splits]
+                else:
+                    variants = [replace(base, programs=p) for p in program_counts]
+                seen = set()
+                for cfg in variants:
+                    progs = _programs(cfg, tiles, k_iters, n_sm)
+                    if decomposition == "splitk" and progs == tiles:
+                        continue                     # one split: that is dp
+                    if progs in seen:
+                        continue                     # the same launch as a smaller variant
+                    seen.add(progs)
+                    out.append((progs, cfg))
+    kept = [cfg for progs, cfg in out if 4 * progs >= n_sm]
+    if not kept and out:
+        most = max(progs for progs, _ in out)
+        kept = [cfg for progs, cfg in out if progs == most]
+    return kept
+
+
+# ------------------------------------------------------------------------------------------
+# Tuning
+# ------------------------------------------------------------------------------------------
+def _poisoned_call(x: torch.Tensor, qw: Int4Weight, cfg: W4A16Config) -> torch.Tensor:
+    out = torch.full((x.shape[0], qw.out_features), float("nan"), dtype=x.dtype, device=x.device)
+    return w4a16_matmul(x, qw, config=cfg, out=out)
+
+
+def check_config(x: torch.Tensor, qw: Int4Weight, cfg: W4A16Config, ref: torch.Tensor) -> float:
+    """Worst rel_err of a few runs of cfg (output poisoned with NaN first) against float64."""
+    return worst_rel_err(partial(_poisoned_call, x, qw, cfg), ref)
+
+
+def tune_entry(x: torch.Tensor, qws: list[Int4Weight], n_sm: int, replays: int, quick: bool) -> dict:
+    """The table entry of one (M, K, N): the best checked config of each decomposition."""
+    M, K = x.shape
+    N = qws[0].out_features
+    ref = w4a16_reference(x, qws[0])
+    best, times = {}, {}
+    for dec in DECOMPOSITIONS:
+        timed = []
+        for cfg in candidates(dec, M, N, K, n_sm, quick):
+            fns = [partial(w4a16_matmul, x, q, config=cfg) for q in qws]
+            timed.append((timing.time_graph(fns, replays=replays, warmup=2)["median_us"], cfg))
+        for t, cfg in sorted(timed, key=lambda tc: tc[0]):
+            err = check_config(x, qws[0], cfg, ref)
+            if err <= MAX_REL_ERR:
+                best[dec], times[dec] = cfg.to_dict(), t
+                break
+            print(f"  M={M} K={K} N={N} {cfg}: rel_err {err:.3g}, skipped", file=sys.stderr)
+    if not times:
+        raise RuntimeError(f"no candidate passed the check for M={M} K={K} N={N}")
+    return {"M": M, "K": K, "N": N, "group_size": GROUP_SIZE, "auto": min(times, key=times.get),
+            "best": best, "time_us": times}
+
+
+def tune_shape(K: int, N: int, Ms: tuple[int, ...], n_sm: int, replays: int, quick: bool) -> list[dict]:
+    qw = quantize(torch.randn(N, K, device="cuda").half(), GROUP_SIZE)
+    R = timing.rotations(qw.nbytes)
+    qws = [qw] + [clone_int4(qw) for _ in range(R - 1)]
+    entries = []
+    for M in Ms:
+        t0 = time.perf_counter()
+        x = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        entries.append(tune_entry(x, qws, n_sm, replays, quick))
+        print(f"{format_entry(entries[-1])}   [{time.perf_counter() - t0:.0f} s]", flush=True)
+    del qws
+    torch.cuda.empty_cache()
+    return entries
+
+
+# ------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------
+def _short(cfg: dict) -> str:
+    s = f"m{cfg['block_m']} n{cfg['block_n']} w{cfg['num_warps']} s{cfg['num_stages']}"
+    if cfg["decomposition"] == "splitk":
+        s += f" k{cfg['split_k']}"
+    elif cfg["decomposition"] == "streamk":
+        s += f" p{cfg['programs']}"
+    return s
+
+
+def format_entry(e: dict) -> str:
+    parts = [f"{dec} {e['time_us'][dec]:7.2f} us ({_short(e['best'][dec])})"
+             for dec in DECOMPOSITIONS if dec in e["best"]]
+    return f"M={e['M']:<3} K={e['K']:<6} N={e['N']:<6} auto={e['auto']:<8} " + " | ".join(parts)
+
+
+def merge_entries(path: Path, entries: list[dict]) -> list[dict]:
+    """entries, plus those already in the table at path for keys not re-tuned."""
+    key = lambda e: (e["M"], e["K"], e["N"], e["group_size"])  # noqa: E731
+    new = {key(e) for e in entries}
+    old = json.loads(path.read_text())["entries"] if path.exists() else []
+    return sorted([e for e in old if key(e) not in new] + entries, key=lambda e: (e["K"], e["N"], e["M"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_w4a16: no CUDA GPU found; nothing tuned.")
+        return 0
+    torch.manual_seed(args.seed)
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    out = args.out or CONFIG_DIR / f"{gpu_slug(props.name)}.json"
+    t0 = time.perf_counter()
+    entries = []
+    for K, N in args.shapes:
+        entries += tune_shape(K, N, args.M, props.multi_processor_count, args.replays, args.quick)
+    table = {"gpu": props.name,
+             "provenance": timing.provenance(config={"replays": args.replays, "quick": args.quick}),
+             "entries": merge_entries(out, entries)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"\nchosen configurations ({time.perf_counter() - t0:.0f} s):")
+    for e in entries:
+        print(format_entry(e))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
