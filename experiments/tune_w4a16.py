@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_w4a16 import (DEFAULT_SHAPES, GROUP_SIZE, MAX_REL_ERR, clone_int4, parse_ints,  # noqa: E402
                          parse_shapes, shapes_arg, worst_rel_err)
 
-DEFAULT_M = (1, 2, 4, 8, 16)
+DEFAULT_M = (1, 4, 16)   # select_config uses the smallest tuned M >= the call's M
 BLOCK_K = 128         # = the group size: one scale per tile
 
 
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--M", type=parse_ints, default=DEFAULT_M, help="batch rows, e.g. '1,2,4,8,16'")
     p.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES,
                    help=f"'K,N;K,N' (default '{shapes_arg(DEFAULT_SHAPES)}')")
-    p.add_argument("--replays", type=int, default=10, help="timed graph replays per candidate")
+    p.add_argument("--replays", type=int, default=5, help="timed graph replays per candidate")
     p.add_argument("--quick", action="store_true", help="a much smaller candidate space (smoke tests)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
@@ -197,13 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or CONFIG_DIR / f"{gpu_slug(props.name)}.json"
     t0 = time.perf_counter()
     entries = []
+    out.parent.mkdir(parents=True, exist_ok=True)
     for K, N in args.shapes:
         entries += tune_shape(K, N, args.M, props.multi_processor_count, args.replays, args.quick)
-    table = {"gpu": props.name,
-             "provenance": timing.provenance(config={"replays": args.replays, "quick": args.quick}),
-             "entries": merge_entries(out, entries)}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(table, indent=1) + "\n")
+        # written after every shape, so an interrupted run keeps what it measured
+        table = {"gpu": props.name,
+                 "provenance": timing.provenance(config={"replays": args.replays, "quick": args.quick,
+                                                         "M": list(args.M), "shapes": args.shapes}),
+                 "entries": merge_entries(out, entries)}
+        out.write_text(json.dumps(table, indent=1) + "\n")
     print(f"\nchosen configurations ({time.perf_counter() - t0:.0f} s):")
     for e in entries:
         print(format_entry(e))

@@ -92,44 +92,53 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
     offs_r = tl.arange(0, HALF_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
     packed_rows = (K + 1) // 2
-    xe_ptrs = x_ptr + offs_m[:, None] * stride_xm + 2 * offs_r[None, :]   # even k of the tile
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_r[:, None] * N + offs_n[None, :]
     if BLOCK_M == 1:
         acc2 = tl.zeros((HALF_K, BLOCK_N), tl.float32)
+    # The weight tile of the next iteration is loaded before this one is used: Triton's
+    # pipeliner only prefetches loads that feed tl.dot, and without this the FMA path waited
+    # out a DRAM latency per iteration.
+    p_next = tl.load(w_ptrs + (it_lo * BLOCK_K // 2) * N,
+                     mask=(offs_r[:, None] < packed_rows - it_lo * BLOCK_K // 2) & mask_n[None, :]
+                     & (it_lo < it_hi), other=0)
     for it in range(it_lo, it_hi):
         k0 = it * BLOCK_K
-        r0 = k0 // 2
-        p = tl.load(w_ptrs + r0 * N, mask=(offs_r[:, None] < packed_rows - r0) & mask_n[None, :], other=0)
+        p = p_next
+        r1 = k0 // 2 + HALF_K
+        p_next = tl.load(w_ptrs + r1 * N, mask=(offs_r[:, None] < packed_rows - r1) & mask_n[None, :]
+                         & (it + 1 < it_hi), other=0)
         g = k0 // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        # one contiguous load of x, split into even and odd k in registers
+        x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
+        xe, xo = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
         if BLOCK_M == 1:
-            x_row = x_ptr + pid_m * stride_xm + k0 + 2 * offs_r
-            xe = tl.load(x_row, mask=2 * offs_r < K - k0, other=0.0).to(tl.float32)
-            xo = tl.load(x_row + 1, mask=2 * offs_r + 1 < K - k0, other=0.0).to(tl.float32)
             p32 = p.to(tl.int32)
             f_lo = (((p32 << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
             f_hi = (((p32 << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
             # (q - z) * s = f * 16s - (1 + z / 16) * 16s
             s16 = 16.0 * s
             c = -(1.0 + z / 16.0) * s16
-            acc2 += xe[:, None] * (f_lo * s16[None, :] + c[None, :])
-            acc2 += xo[:, None] * (f_hi * s16[None, :] + c[None, :])
+            xe1 = tl.reshape(xe, (HALF_K,)).to(tl.float32)
+            xo1 = tl.reshape(xo, (HALF_K,)).to(tl.float32)
+            acc2 += xe1[:, None] * (f_lo * s16[None, :] + c[None, :])
+            acc2 += xo1[:, None] * (f_hi * s16[None, :] + c[None, :])
         else:
-            xe = tl.load(xe_ptrs + k0, mask=mask_m[:, None] & (2 * offs_r[None, :] < K - k0), other=0.0)
-            xo = tl.load(xe_ptrs + k0 + 1, mask=mask_m[:, None] & (2 * offs_r[None, :] + 1 < K - k0), other=0.0)
             p16 = p.to(tl.int16)
-            lo = ((p16 & 0xF) | MAGIC).to(xe.dtype, bitcast=True)    # OFFSET + code of k = 2r
-            hi = ((p16 >> 4) | MAGIC).to(xe.dtype, bitcast=True)     # OFFSET + code of k = 2r + 1
+            lo = ((p16 & 0xF) | MAGIC).to(x.dtype, bitcast=True)    # OFFSET + code of k = 2r
+            hi = ((p16 >> 4) | MAGIC).to(x.dtype, bitcast=True)     # OFFSET + code of k = 2r + 1
             if INTERPRET:
                 dot = tl.dot(xe.to(tl.float32), lo.to(tl.float32)) + tl.dot(xo.to(tl.float32), hi.to(tl.float32))
             else:
                 dot = tl.dot(xo, hi, tl.dot(xe, lo))
-            x_sum = tl.sum(xe.to(tl.float32), axis=1) + tl.sum(xo.to(tl.float32), axis=1)
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
             acc += s[None, :] * (dot - x_sum[:, None] * (z + MAGIC_OFFSET)[None, :])
     if BLOCK_M == 1:
         acc += tl.sum(acc2, axis=0)[None, :]
