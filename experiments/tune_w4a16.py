@@ -33,7 +33,6 @@ from bench_w4a16 import (DEFAULT_SHAPES, GROUP_SIZE, MAX_REL_ERR, clone_int4, pa
                          parse_shapes, shapes_arg, worst_rel_err)
 
 DEFAULT_M = (1, 4, 16)   # select_config uses the smallest tuned M >= the call's M
-BLOCK_K = 128         # = the group size: one scale per tile
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,44 +64,49 @@ def _programs(cfg: W4A16Config, tiles: int, k_iters: int, n_sm: int) -> int:
 def candidates(decomposition: str, M: int, N: int, K: int, n_sm: int, quick: bool = False) -> list[W4A16Config]:
     """Candidate configs of one decomposition, pruned.
 
-    Tile shapes: block_m 16 (tensor cores; one row-tile for M <= 16) and, for M <= 2, block_m 1
-    (FMA path, one program row per activation row); block_k 128, block_n 32..256, 4 warps (and
-    8 for wide tensor-core tiles), 3 or 4 pipeline stages. split_k and programs are runtime
-    arguments, so their variants cost no compile. Pruned: launches that fill under a quarter
-    of the SMs (the weights stream from too few SMs to reach bandwidth) unless nothing else
-    is left, and variants that run the same launch as another (split_k past the K-iterations,
-    programs past the work)."""
+    Tensor-core tiles: block_m 16 (one row-tile for M <= 16), block_k 64 or 128, block_n
+    32..256, 4 or 8 warps. For M <= 2 also the FMA path, block_m 1, in the shape of GemLite's
+    M = 1 GEMV: many small programs (block_k 32..128, 1..4 warps) whose number, not a deep
+    pipeline, keeps enough bytes in flight. 3 or 4 pipeline stages (tensor-core path). split_k and programs are
+    runtime arguments, so their variants cost no compile. Pruned: launches that fill under a
+    quarter of the SMs (the weights stream from too few SMs to reach bandwidth) unless
+    nothing else is left, and variants that run the same launch as another (split_k past
+    the K-iterations, programs past the work)."""
     stages = (3,) if quick else (3, 4)
-    splits = (4, 8) if quick else (2, 4, 8, 16)
-    program_counts = (n_sm,) if quick else (n_sm, 2 * n_sm, 4 * n_sm)
-    k_iters = triton.cdiv(K, BLOCK_K)
-    shapes = [(16, bn) for bn in ((64, 128) if quick else (32, 64, 128, 256))]
+    splits = (4, 8) if quick else (2, 4, 8, 16, 32)
+    program_counts = (n_sm,) if quick else (n_sm, 2 * n_sm, 4 * n_sm, 8 * n_sm)
+    # (block_m, block_n, block_k, num_warps)
+    shapes = [(16, bn, bk, nw) for bn in ((64, 128) if quick else (32, 64, 128, 256))
+              for bk in ((128,) if quick else (64, 128))
+              for nw in ((4, 8) if bn >= 128 and not quick else (4,))]
     if M <= 2:
-        shapes += [(1, bn) for bn in ((64,) if quick else (32, 64, 128))]
+        shapes += [(1, bn, bk, nw) for bn in ((64,) if quick else (64, 128, 256))
+                   for bk in ((128,) if quick else (32, 64, 128))
+                   for nw in ((4,) if quick else (1, 2, 4))]
 
     out: list[tuple[int, W4A16Config]] = []
-    for bm, bn in shapes:
+    for bm, bn, bk, nw in shapes:
         tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        warps = (4, 8) if bm > 1 and bn >= 128 and not quick else (4,)
-        for nw in warps:
-            for ns in stages:
-                base = W4A16Config(decomposition, block_m=bm, block_n=bn, block_k=BLOCK_K,
-                                   num_warps=nw, num_stages=ns)
-                if decomposition == "dp":
-                    variants = [base]
-                elif decomposition == "splitk":
-                    variants = [replace(base, split_k=s) for s in splits]
-                else:
-                    variants = [replace(base, programs=p) for p in program_counts]
-                seen = set()
-                for cfg in variants:
-                    progs = _programs(cfg, tiles, k_iters, n_sm)
-                    if decomposition == "splitk" and progs == tiles:
-                        continue                     # one split: that is dp
-                    if progs in seen:
-                        continue                     # the same launch as a smaller variant
-                    seen.add(progs)
-                    out.append((progs, cfg))
+        k_iters = triton.cdiv(K, bk)
+        # the FMA path prefetches by hand: Triton's pipeliner (num_stages) does not touch it
+        for ns in (stages if bm > 1 else stages[:1]):
+            base = W4A16Config(decomposition, block_m=bm, block_n=bn, block_k=bk,
+                               num_warps=nw, num_stages=ns)
+            if decomposition == "dp":
+                variants = [base]
+            elif decomposition == "splitk":
+                variants = [replace(base, split_k=s) for s in splits]
+            else:
+                variants = [replace(base, programs=p) for p in program_counts]
+            seen = set()
+            for cfg in variants:
+                progs = _programs(cfg, tiles, k_iters, n_sm)
+                if decomposition == "splitk" and progs == tiles:
+                    continue                     # one split: that is dp
+                if progs in seen:
+                    continue                     # the same launch as a smaller variant
+                seen.add(progs)
+                out.append((progs, cfg))
     kept = [cfg for progs, cfg in out if 4 * progs >= n_sm]
     if not kept and out:
         most = max(progs for progs, _ in out)
