@@ -155,15 +155,16 @@ def _driver_version() -> str | None:
 
 
 def _git_state() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout this file sits in. A copy of the tree without .git (a
-    remote GPU machine) reads TINY_GEMM_GIT_COMMIT and TINY_GEMM_GIT_DIRTY (0/1), which the
-    caller sets from the checkout the copy was made of; else (None, None)."""
-    if not (_REPO_ROOT / ".git").exists():   # a directory, or a file in a worktree
-        commit = os.environ.get("TINY_GEMM_GIT_COMMIT")
+    """(commit, dirty) of the checkout this file sits in. Where git cannot tell (a copy of the
+    tree on a remote GPU machine, whose .git may be missing or unusable), the caller's
+    TINY_GEMM_GIT_COMMIT and TINY_GEMM_GIT_DIRTY (0/1), set from the checkout the copy was
+    made of; else (None, None)."""
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT) if (_REPO_ROOT / ".git").exists() else None
+    if commit is None:
         dirty = os.environ.get("TINY_GEMM_GIT_DIRTY")
-        return commit, (None if dirty is None else dirty == "1")
+        return os.environ.get("TINY_GEMM_GIT_COMMIT"), (None if dirty is None else dirty == "1")
     status = _run(["git", "status", "--porcelain"], cwd=_REPO_ROOT)
-    return _run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT), (None if status is None else bool(status))
+    return commit, (None if status is None else bool(status))
 
 
 def provenance(config: dict | None = None) -> dict:
