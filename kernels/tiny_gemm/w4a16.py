@@ -82,10 +82,10 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
     unpacked codes (a join/permute/reshape interleave ran 2x slower on an H200).
 
     BLOCK_M == 1 (one activation row, M = 1 decode) uses no tensor cores: each weight is
-    dequantized by one FMA and multiplied by another, and each tile is summed over k at once
-    into a [BLOCK_N] accumulator (a 2-D accumulator kept to the end held this path to 127
-    registers and 25% occupancy on an H200). The code becomes a float without an int->float
-    conversion: (q << 19) | 0x3F800000 is the fp32 number 1 + q / 16, exactly.
+    dequantized by one FMA and multiplied by another, into a [BLOCK_K / 2, BLOCK_N]
+    accumulator reduced once at the end. The code becomes a float without an int->float
+    conversion (quarter rate, which capped this path at ~27% of the memory floor):
+    (q << 19) | 0x3F800000 is the fp32 number 1 + q / 16, exactly.
 
     Under INTERPRET the dot operands are upcast (exactly): the Triton interpreter (3.6 to
     3.9) multiplies bf16 operands as their raw uint16 bit patterns."""
@@ -100,7 +100,7 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
     w_ptrs = w_ptr + offs_r[:, None] * N + offs_n[None, :]
     if BLOCK_M == 1:
-        acc_n = tl.zeros((BLOCK_N,), tl.float32)
+        acc2 = tl.zeros((HALF_K, BLOCK_N), tl.float32)
     # The weight tile of the next iteration is loaded before this one is used: Triton's
     # pipeliner only prefetches loads that feed tl.dot, and without this the FMA path waited
     # out a DRAM latency per iteration.
@@ -128,8 +128,8 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
             c = -(1.0 + z / 16.0) * s16
             xe1 = tl.reshape(xe, (HALF_K,)).to(tl.float32)
             xo1 = tl.reshape(xo, (HALF_K,)).to(tl.float32)
-            acc_n += tl.sum(xe1[:, None] * (f_lo * s16[None, :] + c[None, :])
-                            + xo1[:, None] * (f_hi * s16[None, :] + c[None, :]), axis=0)
+            acc2 += xe1[:, None] * (f_lo * s16[None, :] + c[None, :])
+            acc2 += xo1[:, None] * (f_hi * s16[None, :] + c[None, :])
         else:
             p16 = p.to(tl.int16)
             lo = ((p16 & 0xF) | MAGIC).to(x.dtype, bitcast=True)    # OFFSET + code of k = 2r
@@ -141,7 +141,7 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
             x_sum = tl.sum(x.to(tl.float32), axis=1)
             acc += s[None, :] * (dot - x_sum[:, None] * (z + MAGIC_OFFSET)[None, :])
     if BLOCK_M == 1:
-        acc += acc_n[None, :]
+        acc += tl.sum(acc2, axis=0)[None, :]
     return acc
 
 
