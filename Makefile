@@ -21,10 +21,14 @@ export PYTHONPATH := $(CURDIR)/kernels$(if $(PYTHONPATH),:$(PYTHONPATH))
 HAS_GPU    = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help env test bench tune clean
+.PHONY: help all env test bench tune clean
 
 help: ## list the targets
 	@grep -E '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+all: test ## environment and tests; on a CUDA GPU also the benchmark -> results/<gpu>/
+	@if [ "$(HAS_GPU)" = "1" ]; then $(MAKE) --no-print-directory bench; \
+	else echo "no CUDA GPU: benchmark skipped; the committed results are in results/"; fi
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

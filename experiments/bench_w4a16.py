@@ -19,6 +19,7 @@ import csv
 import json
 import math
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from functools import partial
@@ -79,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--replays", type=int, default=20, help="timed graph replays (median is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="output folder (default results/<gpu slug>/)")
+    p.add_argument("--force", action="store_true", help="replace an existing result instead of writing beside it")
     return p.parse_args(argv)
 
 
@@ -299,13 +301,20 @@ def format_row(r: dict) -> str:
             f"{_fmt(r['pct_floor'], '5.1f')}%  rel_err {_fmt(r['rel_err'], '.2e')}")
 
 
-def write_results(out_dir: Path, rows: list[dict], meta: dict) -> None:
+def write_results(out_dir: Path, rows: list[dict], meta: dict, force: bool = False) -> Path:
+    """Write <experiment>.csv and .json; an existing result (e.g. the committed reference run)
+    is kept unless force, and the new one gets a timestamped name beside it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / f"{EXPERIMENT}.csv", "w", newline="") as f:
+    stem = EXPERIMENT
+    if not force and (out_dir / f"{stem}.csv").exists():
+        stem = f"{EXPERIMENT}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        print(f"{out_dir / EXPERIMENT}.csv exists (use --force to replace it); writing {stem}.csv")
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    (out_dir / f"{EXPERIMENT}.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")
+    return out_dir / f"{stem}.csv"
 
 
 def summary_table(rows: list[dict]) -> str:
@@ -355,11 +364,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or timing.results_dir()
     meta = {"experiment": EXPERIMENT, "provenance": timing.provenance(),
             "copy_bandwidth_bytes_per_s": bandwidth, "args": vars(args)}
-    write_results(out_dir, rows, meta)
+    written = write_results(out_dir, rows, meta, force=args.force)
     print()
     print("us per call (% of the method's own floor); speedups are of tiny_gemm (auto)")
     print(summary_table(rows))
-    print(f"\nwrote {out_dir / (EXPERIMENT + '.csv')} and {out_dir / (EXPERIMENT + '.json')}")
+    print(f"\nwrote {written} and {written.with_suffix('.json')}")
     return 0
 
 
