@@ -156,32 +156,34 @@ def _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om,
 
 
 @triton.jit
-def _fence_gpu(t, INTERPRET: tl.constexpr):
-    """fence.acq_rel.gpu in every thread that holds part of t. Stores and atomic reductions are
-    fire-and-forget: a barrier alone lets one thread's ticket overtake another's partial
-    (seen on an H200: wrong rows at M = 16 in 3 of 20 SplitK runs). Programs of the
+def _fence_gpu(NUM_THREADS: tl.constexpr, INTERPRET: tl.constexpr):
+    """fence.acq_rel.gpu once in every thread of the program. Stores are fire-and-forget: a
+    barrier alone would let one thread's ticket overtake another thread's partial. The asm
+    runs on a [NUM_THREADS] tensor, one element per thread: applied to the accumulator it
+    ran once per element (33 MEMBAR.GPU per thread at M = 1 on an H200). Programs of the
     interpreter run one at a time, so there it is a no-op."""
     if not INTERPRET:
-        t = tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r", [t],
-                                      dtype=tl.float32, is_pure=False, pack=1)
-    return t
+        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.b32 $0, $1;", "=r,r",
+                                  [tl.zeros((NUM_THREADS,), tl.int32)], dtype=tl.int32,
+                                  is_pure=False, pack=1)
 
 
 @triton.jit
 def _reduce_partial(acc, tile_id, j, n_parts, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
                     M, N, stride_om, SLOTS,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_THREADS: tl.constexpr,
+                    INTERPRET: tl.constexpr):
     """Contributor j of n_parts to tile tile_id writes its slot; the last to arrive sums the
     slots in K order and writes the tile."""
     TILE: tl.constexpr = BLOCK_M * BLOCK_N
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     tl.store(ws_ptr + (tile_id * SLOTS + j) * TILE + offs, acc)
     # every thread's partial is visible GPU-wide before one thread takes a ticket
-    acc = _fence_gpu(acc, INTERPRET)
+    _fence_gpu(NUM_THREADS, INTERPRET)
     tl.debug_barrier()
     ticket = tl.atomic_add(lock_ptr + tile_id, 1, sem="acq_rel")
     if ticket == n_parts - 1:
-        acc = _fence_gpu(acc, INTERPRET)
+        _fence_gpu(NUM_THREADS, INTERPRET)
         total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for i in range(0, n_parts):   # K order, whatever the arrival order
             total += tl.load(ws_ptr + (tile_id * SLOTS + i) * TILE + offs, cache_modifier=".cg")
@@ -220,7 +222,8 @@ def _w4a16_splitk_kernel(
         iters_per_split, n_splits,
         # meta-parameters
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, INTERPRET: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        NUM_THREADS: tl.constexpr):
     tile_id = tl.program_id(0)
     split = tl.program_id(1)
     pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -231,7 +234,7 @@ def _w4a16_splitk_kernel(
                     M, N, K, group_size, stride_xm, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
                     INTERPRET)
     _reduce_partial(acc, tile_id, split, n_splits, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
-                    M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, INTERPRET)
+                    M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET)
 
 
 @triton.jit
@@ -253,7 +256,8 @@ def _w4a16_streamk_kernel(
         q, r, slots,
         # meta-parameters
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, INTERPRET: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+        NUM_THREADS: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -276,7 +280,7 @@ def _w4a16_streamk_kernel(
             last = _streamk_owner(tile_id * k_iters + k_iters - 1, q, r)
             _reduce_partial(acc, tile_id, pid - first, last - first + 1, pid_m, pid_n,
                             out_ptr, ws_ptr, lock_ptr, M, N, stride_om, slots,
-                            BLOCK_M, BLOCK_N, INTERPRET)
+                            BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET)
         it += k_hi - k_lo
 
 
@@ -455,8 +459,10 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
     if POISON_WORKSPACE:
         ws.fill_(float("nan"))
     if cfg.decomposition == "splitk":
-        return _w4a16_splitk_kernel[grid](*args, ws, locks, *sizes, per, parts, **common)
-    return _w4a16_streamk_kernel[grid](*args, ws, locks, *sizes, q, r, slots, **common)
+        return _w4a16_splitk_kernel[grid](*args, ws, locks, *sizes, per, parts,
+                                          NUM_THREADS=32 * cfg.num_warps, **common)
+    return _w4a16_streamk_kernel[grid](*args, ws, locks, *sizes, q, r, slots,
+                                       NUM_THREADS=32 * cfg.num_warps, **common)
 
 
 def w4a16_matmul(x: torch.Tensor, qw: Int4Weight, decomposition: str = "auto",
