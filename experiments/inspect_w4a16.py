@@ -24,16 +24,21 @@ CONFIGS = [
     W4A16Config("dp", block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3),
     W4A16Config("splitk", block_m=1, block_n=64, block_k=128, split_k=8, num_warps=4, num_stages=4),
 ]
-WATCH = ("HMMA", "HGMMA", "I2F", "F2F", "LOP3", "PRMT", "SHF", "LDG", "LDS", "STS", "LDSM", "BAR", "RED", "ATOM")
+WATCH = ("HMMA", "HGMMA", "I2F", "F2F", "FFMA", "LOP3", "PRMT", "SHF", "LDG", "LDS", "STS", "LDSM", "BAR",
+         "MEMBAR", "RED", "ATOM")
+
+
+# A line of Triton's SASS: control codes, a tab, an optional predicate, the opcode.
+_SASS_OP = re.compile(r"^[-0-9a-fA-FY:]+\t(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
 
 
 def sass_mix(kernel) -> dict:
+    """Counts of the WATCH opcodes (and all instructions) in a compiled kernel's SASS."""
     try:
         sass = kernel.asm["sass"]
     except Exception as e:  # cuobjdump missing or another Triton version
-        return {"error": repr(e)}
-    ops = collections.Counter(m.group(1).split(".")[0]
-                              for m in re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?P\d+\s+)?([A-Z0-9_.]+)", sass, re.M))
+        return {"sass_error": repr(e)[:80]}
+    ops = collections.Counter(op.split(".")[0] for op in _SASS_OP.findall(sass))
     return {k: ops.get(k, 0) for k in WATCH} | {"total": sum(ops.values())}
 
 

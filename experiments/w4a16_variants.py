@@ -14,10 +14,9 @@ Variants (BLOCK_K / 2 byte rows of BLOCK_N packed codes per tile):
 from __future__ import annotations
 
 import argparse
-import collections
 import csv
 import json
-import re
+import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +25,10 @@ import triton.language as tl
 
 from tiny_gemm import quantize, w4a16_reference
 from tiny_gemm.timing import copy_bandwidth, floor_us, provenance, rotations, time_graph, w4a16_bytes
+
+# inspect_w4a16.py sits beside this file; share its SASS parser rather than copy it
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from inspect_w4a16 import sass_mix  # noqa: E402
 
 VARIANTS = {"join": 0, "dual_magic": 1, "dual_i2f": 2, "fma": 3, "fma_magic": 4}
 
@@ -94,17 +97,6 @@ def _variant_kernel(x_ptr, w_ptr, s_ptr, z_ptr, acc_ptr, M, N, K, group_size, it
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32) + tl.sum(acc2, axis=0)[None, :]
     tl.atomic_add(acc_ptr + offs_m[:, None] * N + offs_n[None, :], acc,
                   mask=mask_m[:, None] & mask_n[None, :], sem="relaxed")
-
-
-def sass_mix(kernel) -> dict:
-    try:
-        sass = kernel.asm["sass"]
-    except Exception as e:
-        return {"sass_error": repr(e)[:80]}
-    ops = collections.Counter(m.group(1).split(".")[0] for m in
-                              re.finditer(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?P\d+\s+)?([A-Z0-9_.]+)", sass, re.M))
-    return {k: ops.get(k, 0) for k in ("HMMA", "I2F", "LOP3", "PRMT", "LDS", "STS", "LDSM", "BAR", "FFMA", "LDG")} | {
-        "total": sum(ops.values())}
 
 
 def main() -> None:
