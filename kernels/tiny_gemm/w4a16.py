@@ -16,7 +16,8 @@ tile and resets the counter. Nobody waits on anybody, so it also runs under
 TRITON_INTERPRET=1, where programs run one after the other, and the sum has one order, so
 every decomposition is bitwise reproducible on a given GPU and configuration. (The SplitK
 paper's fp32 atomic adds into one accumulator gave wrong rows at M = 16 on an H200 in our
-first version and were removed; the ordered sum costs M x N x splits x 8 bytes of traffic.)
+first version and were removed; the ordered sum moves tiles x splits x BLOCK_M x BLOCK_N x 8
+bytes, a few hundred KB at decode sizes.)
 
 The counters are zero at rest (the last contributor resets its tile's), so they are cached
 per device and need no memset per call. Calls that run concurrently on different streams of
@@ -84,8 +85,9 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
     BLOCK_M == 1 (one activation row, M = 1 decode) uses no tensor cores: each weight is
     dequantized by one FMA and multiplied by another, into a [BLOCK_K / 2, BLOCK_N]
     accumulator reduced once at the end. The code becomes a float without an int->float
-    conversion (quarter rate, which capped this path at ~27% of the memory floor):
-    (q << 19) | 0x3F800000 is the fp32 number 1 + q / 16, exactly.
+    conversion: (q << 19) | 0x3F800000 is the fp32 number 1 + q / 16, exactly. (On the H200
+    this measured the same as I2F, results/nvidia_h200/w4a16_variants.csv: this path is held
+    by registers and occupancy, not by conversions.)
 
     Under INTERPRET the dot operands are upcast (exactly): the Triton interpreter (3.6 to
     3.9) multiplies bf16 operands as their raw uint16 bit patterns."""
@@ -272,7 +274,7 @@ def _w4a16_streamk_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, k_lo, k_hi,
                         M, N, K, group_size, stride_xm, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
-                    INTERPRET)
+                        INTERPRET)
         if (k_lo == 0) & (k_hi == k_iters):
             _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
         else:
@@ -428,8 +430,7 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
     M, K = x2.shape
     N = qw.out_features
     G = qw.group_size
-    bk = cfg.block_k if G >= K else min(cfg.block_k, G)
-    bk = max(bk, 16)
+    bk = cfg.block_k if G >= K else min(cfg.block_k, G)   # a tile never straddles a group
     bm, bn = cfg.block_m, cfg.block_n
     magic, offset = _MAGIC[x2.dtype]
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
