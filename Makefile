@@ -9,7 +9,8 @@ SHELL := /bin/bash
 
 VENV      := .venv
 TORCH     := torch==2.13.0
-DEPS      := "triton==3.6.0" "numpy<2.4" "pytest>=8" "hypothesis>=6.100" pytest-xdist
+DEPS      := "triton==3.6.0" "numpy<2.4" "pytest>=8" "hypothesis>=6.100" pytest-xdist \
+             "hydra-core>=1.3" tqdm
 ifeq ($(origin PYTHON), undefined)
   PY  := $(VENV)/bin/python
   ENV := $(VENV)/.installed
@@ -21,10 +22,10 @@ export PYTHONPATH := $(CURDIR)/kernels$(if $(PYTHONPATH),:$(PYTHONPATH))
 HAS_GPU    = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help all env test bench tune clean
+.PHONY: help all env test bench tune experiments clean
 
 help: ## list the targets
-	@grep -E '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 all: test ## environment and tests; on a CUDA GPU also the benchmark -> results/<gpu>/
 	@if [ "$(HAS_GPU)" = "1" ]; then $(MAKE) --no-print-directory bench; \
@@ -50,6 +51,13 @@ test: $(ENV) ## run the test suite (interpreter on CPU; GPU tests too where CUDA
 
 bench: $(ENV) ## time W4A16 against cuBLAS FP16 and tinygemm on this GPU -> results/<gpu>/
 	$(PY) experiments/bench_w4a16.py
+
+# each experiment runs on its config's shape family unless SHAPES names one
+EXPERIMENTS ?= int4_vs_fp16 splitk_vs_dp
+SHAPES      ?=
+experiments: $(ENV) ## run the Hydra experiments (EXPERIMENTS=..., SHAPES=...) -> results/<gpu>/
+	@if [ "$(HAS_GPU)" != "1" ]; then echo "no CUDA GPU: experiments skipped; the committed results are in results/"; \
+	else for e in $(EXPERIMENTS); do $(PY) experiments/run.py experiment=$$e $(if $(SHAPES),shapes=$(SHAPES)) || exit 1; done; fi
 
 tune: $(ENV) ## search launch configs on this GPU -> kernels/tiny_gemm/configs/<gpu>.json
 	$(PY) experiments/tune_w4a16.py

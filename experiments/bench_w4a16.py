@@ -43,6 +43,9 @@ CHECKS = 3
 # tiny_gemm methods and the decomposition each one asks for
 TINY_METHODS = {"tiny_gemm": "auto", "tiny_gemm_dp": "dp", "tiny_gemm_splitk": "splitk",
                 "tiny_gemm_streamk": "streamk"}
+# every method an experiment may name; dequant_fp16 is what a naive user does: dequantize,
+# then an FP16 matmul
+METHODS = (*TINY_METHODS, "cublas_fp16", "dequant_fp16", "tinygemm", "gemlite")
 # tinygemm's K-tiling of its packed weight; 8 is what gpt-fast and torchao use
 TINYGEMM_INNER_K_TILES = 8
 CSV_COLUMNS = ("experiment", "method", "M", "K", "N", "group_size", "dtype", "time_us", "p20_us",
@@ -164,9 +167,9 @@ def worst_rel_err(fn: Callable[[], torch.Tensor], ref: torch.Tensor, runs: int =
     return math.nan if any(math.isnan(e) for e in errs) else max(errs)
 
 
-def _tiny_checked(x: torch.Tensor, qw: Int4Weight, decomposition: str) -> torch.Tensor:
+def _tiny_checked(x: torch.Tensor, qw: Int4Weight, decomposition: str, split_k: int | None = None) -> torch.Tensor:
     out = torch.full((x.shape[0], qw.out_features), math.nan, dtype=x.dtype, device=x.device)
-    return w4a16_matmul(x, qw, decomposition, out=out)
+    return w4a16_matmul(x, qw, decomposition, split_k, out=out)
 
 
 @dataclass
@@ -203,42 +206,57 @@ def build_weights(K: int, N: int, with_gemlite: bool) -> ShapeWeights:
     return ShapeWeights(qws, fp16, tg, gl, errors)
 
 
-def methods_for(x: torch.Tensor, wts: ShapeWeights) -> tuple[list[Method], dict[str, str]]:
-    """The methods for activations x [M, K], and the errors of those that could not be built."""
+def _dequant_then_linear(x: torch.Tensor, qw: Int4Weight) -> torch.Tensor:
+    return F.linear(x, dequantize(qw))
+
+
+def methods_for(x: torch.Tensor, wts: ShapeWeights, names: tuple[str, ...] = METHODS,
+                split_ks: tuple[int, ...] = ()) -> tuple[list[Method], dict[str, str]]:
+    """The methods of `names` for activations x [M, K], and the errors of those that could not
+    be built. split_ks adds tiny_gemm_splitk_k<S> rows, SplitK at a fixed number of splits
+    with the tuned tile (the split_k sweep of an experiment)."""
     M, K = x.shape
     qw0 = wts.qws[0]
     N = qw0.out_features
     int4_bytes = timing.w4a16_bytes(M, N, K, GROUP_SIZE)
     ref = w4a16_reference(x, qw0)
     methods = []
-    for name, dec in TINY_METHODS.items():
-        cfg = select_config(M, N, K, GROUP_SIZE, x.device, dec)
+    tiny = [(name, dec, None) for name, dec in TINY_METHODS.items() if name in names]
+    tiny += [(f"tiny_gemm_splitk_k{k}", "splitk", k) for k in split_ks]
+    for name, dec, split in tiny:
+        cfg = select_config(M, N, K, GROUP_SIZE, x.device, dec, split)
         methods.append(Method(
             name, "fp16", int4_bytes,
-            calls=[partial(w4a16_matmul, x, q, dec) for q in wts.qws],
-            checked=partial(_tiny_checked, x, qw0, dec), ref=ref,
+            calls=[partial(w4a16_matmul, x, q, dec, split) for q in wts.qws],
+            checked=partial(_tiny_checked, x, qw0, dec, split), ref=ref,
             config=json.dumps(cfg.to_dict(), sort_keys=True)))
-    cublas = [partial(F.linear, x, w) for w in wts.fp16]
-    methods.append(Method("cublas_fp16", "fp16", timing.fp16_gemm_bytes(M, N, K), cublas, cublas[0], ref))
-    if wts.tinygemm is not None:
+    if "cublas_fp16" in names:
+        cublas = [partial(F.linear, x, w) for w in wts.fp16]
+        methods.append(Method("cublas_fp16", "fp16", timing.fp16_gemm_bytes(M, N, K), cublas, cublas[0], ref))
+    if "dequant_fp16" in names:
+        # its floor is the INT4 problem's: the bytes that must move, not the ones it chooses to
+        dq = [partial(_dequant_then_linear, x, q) for q in wts.qws]
+        methods.append(Method("dequant_fp16", "fp16", int4_bytes, dq, dq[0], ref))
+    if wts.tinygemm is not None and "tinygemm" in names:
         # its reference uses the bf16 activations it is given, so only the kernel is judged
         x_bf16 = x.to(torch.bfloat16)
         tg = [partial(torch.ops.aten._weight_int4pack_mm, x_bf16, w, GROUP_SIZE, sz) for w, sz in wts.tinygemm]
         methods.append(Method("tinygemm", "bf16", int4_bytes, tg, tg[0], w4a16_reference(x_bf16, qw0)))
-    if wts.gemlite is not None:
+    if wts.gemlite is not None and "gemlite" in names:
         gl = [partial(layer, x) for layer in wts.gemlite]
         methods.append(Method("gemlite", "fp16", int4_bytes, gl, gl[0], ref))
-    return methods, dict(wts.errors)
+    return methods, {k: v for k, v in wts.errors.items() if k in names}
 
 
 # ------------------------------------------------------------------------------------------
 # Measurement
 # ------------------------------------------------------------------------------------------
-def measure(method: Method, M: int, K: int, N: int, bandwidth: float, replays: int) -> dict:
+def measure(method: Method, M: int, K: int, N: int, bandwidth: float, replays: int,
+            experiment: str = EXPERIMENT) -> dict:
     """Check, then (if right) time one method; returns its CSV row."""
     int4_floor = timing.floor_us(timing.w4a16_bytes(M, N, K, GROUP_SIZE), bandwidth)
     floor = timing.floor_us(method.floor_bytes, bandwidth)
-    row = dict(experiment=EXPERIMENT, method=method.name, M=M, K=K, N=N, group_size=GROUP_SIZE,
+    row = dict(experiment=experiment, method=method.name, M=M, K=K, N=N, group_size=GROUP_SIZE,
                dtype=method.dtype, time_us=None, p20_us=None, p80_us=None, floor_us=floor,
                pct_floor=None, int4_floor_us=int4_floor, rel_err=None, status="FAILED",
                rotations=len(method.calls), config=method.config)
@@ -261,28 +279,29 @@ def measure(method: Method, M: int, K: int, N: int, bandwidth: float, replays: i
     return row
 
 
-def failed_row(name: str, M: int, K: int, N: int, bandwidth: float) -> dict:
+def failed_row(name: str, M: int, K: int, N: int, bandwidth: float, experiment: str = EXPERIMENT) -> dict:
     """The row of a method whose weights could not be built."""
     int4_floor = timing.floor_us(timing.w4a16_bytes(M, N, K, GROUP_SIZE), bandwidth)
-    return dict(experiment=EXPERIMENT, method=name, M=M, K=K, N=N, group_size=GROUP_SIZE,
+    return dict(experiment=experiment, method=name, M=M, K=K, N=N, group_size=GROUP_SIZE,
                 dtype="bf16" if name == "tinygemm" else "fp16", time_us=None, p20_us=None,
                 p80_us=None, floor_us=int4_floor, pct_floor=None, int4_floor_us=int4_floor,
                 rel_err=None, status="FAILED", rotations=None, config="")
 
 
 def bench_shape(K: int, N: int, Ms: tuple[int, ...], bandwidth: float, replays: int,
-                with_gemlite: bool) -> list[dict]:
-    wts = build_weights(K, N, with_gemlite)
+                with_gemlite: bool, experiment: str = EXPERIMENT, names: tuple[str, ...] = METHODS,
+                split_ks: tuple[int, ...] = ()) -> list[dict]:
+    wts = build_weights(K, N, with_gemlite and "gemlite" in names)
     for name, err in wts.errors.items():
         print(f"{name} K={K} N={N}: could not build its weights: {err}", file=sys.stderr)
     rows = []
     for M in Ms:
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        methods, errors = methods_for(x, wts)
+        methods, errors = methods_for(x, wts, names, split_ks)
         for m in methods:
-            rows.append(measure(m, M, K, N, bandwidth, replays))
+            rows.append(measure(m, M, K, N, bandwidth, replays, experiment))
             print(format_row(rows[-1]), flush=True)
-        rows += [failed_row(name, M, K, N, bandwidth) for name in errors]
+        rows += [failed_row(name, M, K, N, bandwidth, experiment) for name in errors]
     del wts
     torch.cuda.empty_cache()
     return rows
@@ -301,14 +320,15 @@ def format_row(r: dict) -> str:
             f"{_fmt(r['pct_floor'], '5.1f')}%  rel_err {_fmt(r['rel_err'], '.2e')}")
 
 
-def write_results(out_dir: Path, rows: list[dict], meta: dict, force: bool = False) -> Path:
+def write_results(out_dir: Path, rows: list[dict], meta: dict, force: bool = False,
+                  experiment: str = EXPERIMENT) -> Path:
     """Write <experiment>.csv and .json; an existing result (e.g. the committed reference run)
     is kept unless force, and the new one gets a timestamped name beside it."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = EXPERIMENT
+    stem = experiment
     if not force and (out_dir / f"{stem}.csv").exists():
-        stem = f"{EXPERIMENT}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-        print(f"{out_dir / EXPERIMENT}.csv exists (use --force to replace it); writing {stem}.csv")
+        stem = f"{experiment}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+        print(f"{out_dir / experiment}.csv exists (use --force to replace it); writing {stem}.csv")
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         w.writeheader()

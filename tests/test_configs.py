@@ -1,0 +1,48 @@
+"""Every Hydra config composes, with every shape family, and names only known methods."""
+from pathlib import Path
+
+import pytest
+
+hydra = pytest.importorskip("hydra")
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+import sys  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+from run import check_experiment, experiment_shapes  # noqa: E402
+
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+SHAPES = sorted(p.stem for p in (ROOT / "conf" / "shapes").glob("*.yaml"))
+
+
+def _compose(overrides):
+    with initialize_config_dir(version_base=None, config_dir=str(ROOT / "conf")):
+        return compose(config_name="config", overrides=overrides)
+
+
+def test_the_families_the_paper_needs_are_there():
+    assert {"llama2_7b", "llama3_8b", "llama3_70b", "mistral_7b"} <= set(SHAPES)
+    assert {"int4_vs_fp16", "splitk_vs_dp"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+@pytest.mark.parametrize("shapes", SHAPES)
+def test_compose(experiment, shapes):
+    cfg = _compose([f"experiment={experiment}", f"shapes={shapes}"])
+    check_experiment(cfg)
+    assert cfg.experiment.name == experiment
+    for layer in cfg.shapes.layers:
+        assert layer.K > 0 and layer.N > 0 and layer.K % 128 == 0
+
+
+def test_default_shapes_of_an_experiment_and_extra_shapes():
+    cfg = _compose(["experiment=splitk_vs_dp", "extra_shapes=[[4096,6144]]"])
+    assert cfg.shapes.name == "splitk_paper"
+    shapes = experiment_shapes(cfg)
+    assert shapes[-1] == (4096, 6144) and len(shapes) == len(set(shapes))
+
+
+def test_bad_method_is_rejected():
+    cfg = _compose(["experiment.methods=[cublas_fp16,marlin]"])
+    with pytest.raises(ValueError, match="marlin"):
+        check_experiment(cfg)
