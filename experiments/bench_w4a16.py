@@ -75,13 +75,20 @@ def shapes_arg(shapes: tuple[tuple[int, int], ...]) -> str:
     return ";".join(f"{k},{n}" for k, n in shapes)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--M", type=parse_ints, default=DEFAULT_M, help="batch rows, e.g. '1,4,16'")
+def sweep_parser(doc: str, default_M: tuple[int, ...], replays: int, replays_help: str) -> argparse.ArgumentParser:
+    """The arguments a sweep over batch sizes and shapes takes (bench and tune)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--M", type=parse_ints, default=default_M,
+                   help=f"batch rows (default '{','.join(map(str, default_M))}')")
     p.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES,
                    help=f"'K,N;K,N' (default '{shapes_arg(DEFAULT_SHAPES)}')")
-    p.add_argument("--replays", type=int, default=20, help="timed graph replays (median is reported)")
+    p.add_argument("--replays", type=int, default=replays, help=replays_help)
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = sweep_parser(__doc__, DEFAULT_M, 20, "timed graph replays (median is reported)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default results/<gpu slug>/)")
     p.add_argument("--force", action="store_true", help="replace an existing result instead of writing beside it")
     return p.parse_args(argv)

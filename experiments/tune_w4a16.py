@@ -1,7 +1,7 @@
 """Tune the W4A16 launch configuration per (M, K, N) on this GPU and write the table that
 tiny_gemm.w4a16.select_config reads: kernels/tiny_gemm/configs/<gpu slug>.json.
 
-    PYTHONPATH=kernels python experiments/tune_w4a16.py [--M 1,2,4,8,16] [--shapes "K,N;K,N"] [--quick] [--out PATH]
+    PYTHONPATH=kernels python experiments/tune_w4a16.py [--M 1,4,16] [--shapes "K,N;K,N"] [--quick] [--out PATH]
 
 For each shape and M, every candidate W4A16Config of each decomposition (dp, splitk, streamk)
 is timed by the method of bench_w4a16.py (rotated weight copies past 3x L2, one CUDA graph),
@@ -29,20 +29,14 @@ from tiny_gemm.w4a16 import (CONFIG_DIR, DECOMPOSITIONS, W4A16Config, gpu_slug, 
 
 # bench_w4a16.py sits beside this file; share its helpers rather than copy them
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_w4a16 import (DEFAULT_SHAPES, GROUP_SIZE, MAX_REL_ERR, clone_int4, parse_ints,  # noqa: E402
-                         parse_shapes, shapes_arg, worst_rel_err)
+from bench_w4a16 import GROUP_SIZE, MAX_REL_ERR, clone_int4, sweep_parser, worst_rel_err  # noqa: E402
 
 DEFAULT_M = (1, 4, 16)   # select_config uses the smallest tuned M >= the call's M
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--M", type=parse_ints, default=DEFAULT_M, help="batch rows, e.g. '1,2,4,8,16'")
-    p.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES,
-                   help=f"'K,N;K,N' (default '{shapes_arg(DEFAULT_SHAPES)}')")
-    p.add_argument("--replays", type=int, default=5, help="timed graph replays per candidate")
+    p = sweep_parser(__doc__, DEFAULT_M, 5, "timed graph replays per candidate")
     p.add_argument("--quick", action="store_true", help="a much smaller candidate space (smoke tests)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None,
                    help="table to write (default kernels/tiny_gemm/configs/<gpu slug>.json)")
     return p.parse_args(argv)
