@@ -10,7 +10,8 @@ SHELL := /bin/bash
 VENV      := .venv
 TORCH     := torch==2.13.0
 DEPS      := "triton==3.6.0" "numpy<2.4" "pytest>=8" "hypothesis>=6.100" pytest-xdist \
-             "hydra-core>=1.3" tqdm
+             "hydra-core>=1.3" tqdm pandas matplotlib seaborn nbformat nbconvert nbclient ipykernel
+TEX_DEBS  := latexmk texlive-latex-base texlive-latex-recommended texlive-fonts-recommended texlive-latex-extra
 ifeq ($(origin PYTHON), undefined)
   PY  := $(VENV)/bin/python
   ENV := $(VENV)/.installed
@@ -22,14 +23,15 @@ export PYTHONPATH := $(CURDIR)/kernels$(if $(PYTHONPATH),:$(PYTHONPATH))
 HAS_GPU    = $(shell $(PY) -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: help all env test bench tune experiments clean
+.PHONY: help all env test unit bench tune experiments figures paper tex clean
 
 help: ## list the targets
 	@grep -E '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-all: test ## environment and tests; on a CUDA GPU also the benchmark -> results/<gpu>/
-	@if [ "$(HAS_GPU)" = "1" ]; then $(MAKE) --no-print-directory bench; \
-	else echo "no CUDA GPU: benchmark skipped; the committed results are in results/"; fi
+all: unit ## environment, tests, experiments (on a CUDA GPU), figures and the PDF
+	@if [ "$(HAS_GPU)" = "1" ]; then $(MAKE) --no-print-directory experiments || exit 1; \
+	else echo "no CUDA GPU: experiments skipped; figures and PDF from the committed results ($(or $(RESULTS),the newest set under results/))"; fi
+	@$(MAKE) --no-print-directory paper
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -40,7 +42,9 @@ $(VENV)/.installed: pyproject.toml
 
 env: $(ENV) ## create .venv and install the dependencies (skipped when PYTHON=... is given)
 
-test: $(ENV) ## run the test suite (interpreter on CPU; GPU tests too where CUDA is present)
+test: unit paper ## the test suite, then the notebooks on the committed results and the PDF
+
+unit: $(ENV) ## the test suite only (interpreter on CPU; GPU tests too where CUDA is present)
 	@if [ "$(HAS_GPU)" = "1" ]; then \
 	  echo "CUDA GPU found: compiled kernels, GPU tests included"; \
 	  $(PY) -m pytest -q tests $(PYTEST_ARGS); \
@@ -52,16 +56,38 @@ test: $(ENV) ## run the test suite (interpreter on CPU; GPU tests too where CUDA
 bench: $(ENV) ## time W4A16 against cuBLAS FP16 and tinygemm on this GPU -> results/<gpu>/
 	$(PY) experiments/bench_w4a16.py
 
-# each experiment runs on its config's shape family unless SHAPES names one
+# each experiment runs on its config's shape family unless SHAPES names one; FORCE=1 replaces
+# existing results of this GPU (else new ones are written beside them, timestamped)
 EXPERIMENTS ?= int4_vs_fp16 splitk_vs_dp
 SHAPES      ?=
+FORCE       ?=
 experiments: $(ENV) ## run the Hydra experiments (EXPERIMENTS=..., SHAPES=...) -> results/<gpu>/
 	@if [ "$(HAS_GPU)" != "1" ]; then echo "no CUDA GPU: experiments skipped; the committed results are in results/"; \
-	else for e in $(EXPERIMENTS); do $(PY) experiments/run.py experiment=$$e $(if $(SHAPES),shapes=$(SHAPES)) || exit 1; done; fi
+	else for e in $(EXPERIMENTS); do $(PY) experiments/run.py experiment=$$e $(if $(SHAPES),shapes=$(SHAPES)) $(if $(FORCE),force=true) || exit 1; done; fi
+
+# RESULTS=results/<gpu> picks a results set; by default the one measured last
+RESULTS ?=
+figures: $(ENV) ## execute the notebooks on a results set -> paper/figures/, paper/generated/
+	@mkdir -p paper/build/notebooks
+	cd notebooks && for nb in *.ipynb; do \
+	  TINY_GEMM_RESULTS=$(RESULTS) $(abspath $(PY)) -m jupyter nbconvert --log-level WARN --to notebook \
+	    --execute --output-dir ../paper/build/notebooks $$nb || exit 1; done
+
+paper: figures tex ## build the paper -> paper/build/main.pdf
+	cd paper && latexmk -pdf -interaction=nonstopmode -halt-on-error -outdir=build main.tex > build/latexmk.log 2>&1 \
+	  || { tail -40 build/latexmk.log; exit 1; }
+	@echo "paper/build/main.pdf"
+
+tex: ## make sure latexmk and pdflatex exist (installs Debian's TeX when root with apt-get)
+	@if command -v latexmk >/dev/null && command -v pdflatex >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing TeX: $(TEX_DEBS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEX_DEBS) >/dev/null; \
+	else echo "latexmk/pdflatex missing: install them, e.g. sudo apt-get install $(TEX_DEBS)"; exit 1; fi
 
 tune: $(ENV) ## search launch configs on this GPU -> kernels/tiny_gemm/configs/<gpu>.json
 	$(PY) experiments/tune_w4a16.py
 
 clean: ## remove caches and build outputs (keeps .venv and results)
-	rm -rf .pytest_cache .hypothesis build kernels/*.egg-info
+	rm -rf .pytest_cache .hypothesis build kernels/*.egg-info paper/build paper/figures paper/generated
 	find . -name __pycache__ -not -path './$(VENV)/*' -prune -exec rm -rf {} +
