@@ -389,27 +389,27 @@ def select_config(M: int, N: int, K: int, group_size: int, device: torch.device,
 
 
 # ------------------------------------------------------------------------------------------
-# Scratch buffers that are zero at rest
+# Reduction scratch
 # ------------------------------------------------------------------------------------------
-_ZEROED: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_LOCKS: dict[torch.device, torch.Tensor] = {}
 # Tests set this: the partial-tile workspace is then NaN-filled before each launch, so a
 # reduction that read a slot nobody wrote would show in the output.
 POISON_WORKSPACE = False
 
 
-def _zeroed_scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A zero-filled buffer that the kernels leave zero-filled. Cached per device outside CUDA
-    graph capture; a capture that finds the cache too small gets its own (captured) zeros."""
-    key = (device, dtype)
-    buf = _ZEROED.get(key)
-    if buf is not None and buf.numel() >= numel:
-        return buf[:numel]
+def _tile_locks(device: torch.device, tiles: int) -> torch.Tensor:
+    """int32 ticket counters, one per output tile, zero at rest: the last contributor of a tile
+    resets its counter. Cached per device outside CUDA graph capture; a capture that finds the
+    cache too small gets its own (captured) zeros."""
+    buf = _LOCKS.get(device)
+    if buf is not None and buf.numel() >= tiles:
+        return buf[:tiles]
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(numel, dtype=dtype, device=device)
-    buf = torch.zeros(max(numel, 2 * (buf.numel() if buf is not None else 0), 1024),
-                      dtype=dtype, device=device)
-    _ZEROED[key] = buf
-    return buf[:numel]
+        return torch.zeros(tiles, dtype=torch.int32, device=device)
+    buf = torch.zeros(max(tiles, 2 * (buf.numel() if buf is not None else 0), 1024),
+                      dtype=torch.int32, device=device)
+    _LOCKS[device] = buf
+    return buf[:tiles]
 
 
 # ------------------------------------------------------------------------------------------
@@ -455,7 +455,7 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
         q, r = divmod(total, programs)
         grid = (programs,)
         slots = triton.cdiv(k_iters, q) + 1        # most programs that can share one tile
-    locks = _zeroed_scratch(x2.device, torch.int32, tiles)
+    locks = _tile_locks(x2.device, tiles)
     ws = torch.empty(tiles * slots * bm * bn, dtype=torch.float32, device=x2.device)
     if POISON_WORKSPACE:
         ws.fill_(float("nan"))
