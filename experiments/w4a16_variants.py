@@ -51,7 +51,7 @@ def _variant_kernel(x_ptr, w_ptr, s_ptr, z_ptr, acc_ptr, M, N, K, group_size, it
     it_lo = split * iters_per_split
     for it in range(it_lo, it_lo + iters_per_split):
         k0 = it * BLOCK_K
-        p = tl.load(w_ptr + (k0 // 2 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        p = tl.load(w_ptr + offs_n[None, :] * (K // 2) + (k0 // 2 + offs_r)[:, None], mask=mask_n[None, :], other=0)
         g = k0 // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)

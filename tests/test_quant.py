@@ -21,7 +21,7 @@ def test_quantize_format(dtype, group_size):
     qw = quantize(w, group_size)
     G = group_size or K
     assert qw.shape == (N, K) and qw.group_size == G and qw.dtype == dtype
-    assert qw.packed.dtype == torch.uint8 and qw.packed.shape == (K // 2, N)
+    assert qw.packed.dtype == torch.uint8 and qw.packed.shape == (N, K // 2)
     assert qw.scales.shape == qw.zeros.shape == (K // G, N)
     codes = qw.codes()
     assert codes.shape == (N, K) and int(codes.max()) <= 15
@@ -62,7 +62,7 @@ def test_constant_and_zero_groups_are_exact():
 def test_odd_k_single_group():
     w = torch.randn(5, 99, device=DEVICE)
     qw = quantize(w, None)
-    assert qw.packed.shape == (50, 5) and qw.group_size == 99
+    assert qw.packed.shape == (5, 50) and qw.group_size == 99
     assert quantization_error(w, qw) < 0.2
 
 

@@ -2,11 +2,13 @@
 
 Format (``Int4Weight``), for a weight of nn.Linear shape [N, K] (out_features, in_features):
 
-* ``packed``: uint8 [ceil(K / 2), N], row-major. Byte ``packed[r, n]`` holds the code of
-  k = 2r in its low nibble and k = 2r + 1 in its high nibble. N is contiguous so a tile of
-  BLOCK_K x BLOCK_N codes is one coalesced load of BLOCK_K / 2 rows. Four consecutive rows,
-  read as a little-endian int32, are exactly one row of an AutoGPTQ ``qweight`` (eight codes
-  along K, lowest nibble first), so GPTQ checkpoints convert with a byte permutation.
+* ``packed``: uint8 [N, ceil(K / 2)], row-major (the nn.Linear layout, two codes per byte).
+  Byte ``packed[n, j]`` holds the code of k = 2j in its low nibble and k = 2j + 1 in its
+  high nibble. K is contiguous because the tensor-core B operand wants it: a thread's four
+  consecutive bytes along K are one 32-bit shared-memory load that unpacks, in registers,
+  straight into the operand's layout. Four consecutive bytes of a row, read as a
+  little-endian int32, are one AutoGPTQ ``qweight`` word (eight codes along K, lowest nibble
+  first), so GPTQ's qweight [K/8, N] is ``packed.view(int32).T``.
 * ``scales`` and ``zeros``: [K // group_size, N] in one float dtype (fp16, bf16 or fp32);
   zeros may be fractional (HQQ / GemLite convention).
 * dequantized weight: ``w[n, k] = (code[n, k] - zeros[k // G, n]) * scales[k // G, n]``.
@@ -39,19 +41,19 @@ def _check_group_size(group_size: int | None, K: int, arg: str = "group_size") -
     return group_size
 
 
-def pack_codes(codes_kn: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [K, N] in 0..15 -> packed uint8 [ceil(K/2), N] (even k in the low nibble)."""
-    K, N = codes_kn.shape
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in 0..15 -> packed uint8 [N, ceil(K/2)] (even k in the low nibble)."""
+    N, K = codes.shape
     if K % 2:
-        codes_kn = torch.cat([codes_kn, codes_kn.new_zeros(1, N)])
-    c = codes_kn.to(torch.uint8)
-    return (c[0::2] | (c[1::2] << 4)).contiguous()
+        codes = torch.cat([codes, codes.new_zeros(N, 1)], dim=1)
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
 
 
 def unpack_codes(packed: torch.Tensor, K: int) -> torch.Tensor:
-    """packed uint8 [ceil(K/2), N] -> uint8 codes [K, N]."""
+    """packed uint8 [N, ceil(K/2)] -> uint8 codes [N, K]."""
     lo, hi = packed & 0xF, packed >> 4
-    return torch.stack([lo, hi], dim=1).reshape(-1, packed.shape[1])[:K]
+    return torch.stack([lo, hi], dim=2).reshape(packed.shape[0], -1)[:, :K]
 
 
 @dataclass(eq=False)
@@ -68,8 +70,8 @@ class Int4Weight:
         N, K = self.shape
         _require(self.packed.dtype == torch.uint8, TypeError,
                  f"packed must be uint8, got {self.packed.dtype}")
-        _require(tuple(self.packed.shape) == ((K + 1) // 2, N), ValueError,
-                 f"packed must be [{(K + 1) // 2}, {N}] for shape {self.shape}, got {list(self.packed.shape)}")
+        _require(tuple(self.packed.shape) == (N, (K + 1) // 2), ValueError,
+                 f"packed must be [{N}, {(K + 1) // 2}] for shape {self.shape}, got {list(self.packed.shape)}")
         _require(self.scales.dtype in FLOAT_DTYPES, TypeError,
                  f"scales must be one of {FLOAT_DTYPES}, got {self.scales.dtype}")
         _require(self.zeros.dtype == self.scales.dtype, TypeError,
@@ -115,7 +117,7 @@ class Int4Weight:
 
     def codes(self) -> torch.Tensor:
         """Unpacked codes, uint8 [N, K]."""
-        return unpack_codes(self.packed, self.in_features).t().contiguous()
+        return unpack_codes(self.packed, self.in_features)
 
     # --- other formats ----------------------------------------------------------------------
     @classmethod
@@ -135,7 +137,7 @@ class Int4Weight:
                  f"zeros must have the shape of scales {list(scales.shape)}, got {list(zeros.shape)}")
         _require(scales.dtype in FLOAT_DTYPES, TypeError,
                  f"scales must be one of {FLOAT_DTYPES}, got {scales.dtype}")
-        return cls(pack_codes(codes.t().to(torch.uint8)), scales.t().contiguous(),
+        return cls(pack_codes(codes.to(torch.uint8)), scales.t().contiguous(),
                    zeros.t().to(scales.dtype).contiguous(), G, (N, K))
 
     @classmethod
@@ -155,9 +157,8 @@ class Int4Weight:
                  f"qzeros must be [K // group_size, N // 8] = {[K // G, N // 8]}, got {list(qzeros.shape)}")
         _require(scales.dtype in FLOAT_DTYPES, TypeError,
                  f"scales must be one of {FLOAT_DTYPES}, got {scales.dtype}")
-        # Four int32 rows of eight nibbles are sixteen of our byte rows: a byte permutation.
-        packed = (qweight.contiguous().view(torch.uint8).reshape(K // 8, N, 4)
-                  .permute(0, 2, 1).reshape(K // 2, N).contiguous())
+        # A qweight word is four of our bytes along K, little-endian: a transpose.
+        packed = qweight.t().contiguous().view(torch.uint8)
         shifts = torch.arange(0, 32, 4, device=qzeros.device, dtype=torch.int32)
         z = ((qzeros.unsqueeze(-1) >> shifts) & 0xF).reshape(K // G, N) + 1
         return cls(packed, scales.contiguous(), z.to(scales.dtype), G, (N, K))
@@ -170,8 +171,7 @@ class Int4Weight:
         z = self.zeros.float()
         _require(bool(((z == z.round()) & (z >= 1) & (z <= 16)).all()), ValueError,
                  "zeros must be integers in 1..16 to be stored as GPTQ qzeros (zero - 1 in 4 bits)")
-        qweight = (self.packed.reshape(K // 8, 4, N).permute(0, 2, 1).flatten()
-                   .view(torch.int32).reshape(K // 8, N))
+        qweight = self.packed.view(torch.int32).t().contiguous()
         zc = (z - 1).to(torch.uint8)
         qzeros = (zc[:, 0::2] | (zc[:, 1::2] << 4)).flatten().view(torch.int32).reshape(-1, N // 8)
         return qweight, qzeros, self.scales.clone()
@@ -197,7 +197,7 @@ def quantize(w: torch.Tensor, group_size: int | None = 128) -> Int4Weight:
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(w.dtype).float()
     zero = (-lo / scale).round().clamp(0, 15)
     codes = (wg / scale.unsqueeze(-1) + zero.unsqueeze(-1)).round().clamp(0, 15).to(torch.uint8)
-    return Int4Weight(pack_codes(codes.reshape(N, K).t()), scale.t().to(w.dtype).contiguous(),
+    return Int4Weight(pack_codes(codes.reshape(N, K)), scale.t().to(w.dtype).contiguous(),
                       zero.t().to(w.dtype).contiguous(), G, (N, K))
 
 
@@ -211,9 +211,9 @@ def dequantize_float(qw: Int4Weight, dtype: torch.dtype = torch.float64) -> torc
     """[N, K] weight in a wide float dtype, for references."""
     N, K = qw.shape
     G = qw.group_size
-    codes = unpack_codes(qw.packed, K).to(dtype).reshape(K // G, G, N)
-    w = (codes - qw.zeros.to(dtype).unsqueeze(1)) * qw.scales.to(dtype).unsqueeze(1)
-    return w.reshape(K, N).t()
+    codes = unpack_codes(qw.packed, K).to(dtype).reshape(N, K // G, G)
+    w = (codes - qw.zeros.t().to(dtype).unsqueeze(-1)) * qw.scales.t().to(dtype).unsqueeze(-1)
+    return w.reshape(N, K)
 
 
 def quantization_error(w: torch.Tensor, qw: Int4Weight) -> float:

@@ -71,26 +71,67 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _unpack_asm(p, MAGIC: tl.constexpr):
+    """(MAGIC | low nibble, MAGIC | high nibble) of each byte of p, as 16-bit patterns.
+
+    What the INTERPRET branch of _mac_tile computes with 16-bit integer ops, done on four
+    bytes at a time in 32-bit registers: two masks, a shift and four byte permutes (PRMT
+    picks each code byte and the MAGIC byte above it) per eight codes. Elementwise, so its
+    result does not depend on which four elements a thread packs together."""
+    if MAGIC == 0x6400:
+        asm: tl.constexpr = """{
+        .reg .b32 m, h, c;
+        mov.b32 c, 0x64646464;
+        and.b32 m, $4, 0x0F0F0F0F;
+        shr.u32 h, $4, 4;
+        and.b32 h, h, 0x0F0F0F0F;
+        prmt.b32 $0, m, c, 0x5140;
+        prmt.b32 $1, m, c, 0x7362;
+        prmt.b32 $2, h, c, 0x5140;
+        prmt.b32 $3, h, c, 0x7362;
+        }"""
+    else:
+        asm: tl.constexpr = """{
+        .reg .b32 m, h, c;
+        mov.b32 c, 0x43434343;
+        and.b32 m, $4, 0x0F0F0F0F;
+        shr.u32 h, $4, 4;
+        and.b32 h, h, 0x0F0F0F0F;
+        prmt.b32 $0, m, c, 0x5140;
+        prmt.b32 $1, m, c, 0x7362;
+        prmt.b32 $2, h, c, 0x5140;
+        prmt.b32 $3, h, c, 0x7362;
+        }"""
+    return tl.inline_asm_elementwise(asm=asm, constraints="=r,=r,=r,=r,r", args=[p],
+                                     dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
+
+
+@triton.jit
 def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
-              M, N, K, group_size, stride_xm,
+              M, N, K, group_size, stride_xm, stride_wn,
               MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               INTERPRET: tl.constexpr):
     """acc += x[tile rows, K-iterations it_lo..it_hi) @ W[same K, tile cols], fp32.
 
-    A byte row r of the tile holds k = 2r (low nibble) and k = 2r + 1 (high nibble), so
+    The tile is read as p[r, n] = packed[n, k0 / 2 + r], BLOCK_K / 2 bytes along K for each
+    of BLOCK_N columns: byte r holds k = 2r (low nibble) and k = 2r + 1 (high nibble), so
     x @ W = x[:, even k] @ W_lo + x[:, odd k] @ W_hi: two dots and no interleaving of the
     unpacked codes (a join/permute/reshape interleave ran 2x slower on an H200).
+
+    Tensor-core path (BLOCK_M >= 16): the packed tile goes global -> shared memory by
+    Triton's pipeliner (cp.async) and is read back straight into the dot-operand layout
+    (four bytes along K per thread, one 32-bit load), where _unpack_asm turns it into the
+    two fp16/bf16 operands in registers. No unpacked value goes through shared memory.
 
     BLOCK_M == 1 (one activation row, M = 1 decode) uses no tensor cores: each weight is
     dequantized by one FMA and multiplied by another, into a [BLOCK_K / 2, BLOCK_N]
     accumulator reduced once at the end. The code becomes a float without an int->float
-    conversion: (q << 19) | 0x3F800000 is the fp32 number 1 + q / 16, exactly. (On the H200
-    this measured the same as I2F, results/nvidia_h200/w4a16_variants.csv: this path is held
-    by registers and occupancy, not by conversions.)
+    conversion: (q << 19) | 0x3F800000 is the fp32 number 1 + q / 16, exactly.
 
-    Under INTERPRET the dot operands are upcast (exactly): the Triton interpreter (3.6 to
-    3.9) multiplies bf16 operands as their raw uint16 bit patterns."""
+    Under INTERPRET the unpack uses plain integer ops instead of inline PTX, and the dot
+    operands are upcast (exactly): the Triton interpreter (3.6 to 3.9) multiplies bf16
+    operands as their raw uint16 bit patterns."""
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -98,23 +139,29 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
     offs_r = tl.arange(0, HALF_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    packed_rows = (K + 1) // 2
+    # packed is contiguous: its row stride is also the bytes per row, the bound of the K masks
+    # (stated that way so that Triton sees the bound's divisibility and vectorizes the loads)
+    packed_k = stride_wn
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_r[:, None] * N + offs_n[None, :]
+    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_r[:, None]
     if BLOCK_M == 1:
         acc2 = tl.zeros((HALF_K, BLOCK_N), tl.float32)
-    # The weight tile of the next iteration is loaded before this one is used: Triton's
-    # pipeliner only prefetches loads that feed tl.dot, and without this the FMA path waited
-    # out a DRAM latency per iteration.
-    p_next = tl.load(w_ptrs + (it_lo * BLOCK_K // 2) * N,
-                     mask=(offs_r[:, None] < packed_rows - it_lo * BLOCK_K // 2) & mask_n[None, :]
-                     & (it_lo < it_hi), other=0)
+        # The FMA path loads the next weight tile before it uses this one: Triton's
+        # pipeliner only prefetches loads that feed tl.dot, and without this the FMA path
+        # waited out a DRAM latency per iteration.
+        r0 = it_lo * HALF_K
+        p_next = tl.load(w_ptrs + r0, mask=(offs_r[:, None] < packed_k - r0) & mask_n[None, :]
+                         & (it_lo < it_hi), other=0)
     for it in range(it_lo, it_hi):
         k0 = it * BLOCK_K
-        p = p_next
-        r1 = k0 // 2 + HALF_K
-        p_next = tl.load(w_ptrs + r1 * N, mask=(offs_r[:, None] < packed_rows - r1) & mask_n[None, :]
-                         & (it + 1 < it_hi), other=0)
+        if BLOCK_M == 1:
+            p = p_next
+            r1 = k0 // 2 + HALF_K
+            p_next = tl.load(w_ptrs + r1, mask=(offs_r[:, None] < packed_k - r1) & mask_n[None, :]
+                             & (it + 1 < it_hi), other=0)
+        else:
+            r0 = k0 // 2
+            p = tl.load(w_ptrs + r0, mask=(offs_r[:, None] < packed_k - r0) & mask_n[None, :], other=0)
         g = k0 // group_size
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -133,13 +180,14 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
             acc2 += xe1[:, None] * (f_lo * s16[None, :] + c[None, :])
             acc2 += xo1[:, None] * (f_hi * s16[None, :] + c[None, :])
         else:
-            p16 = p.to(tl.int16)
-            lo = ((p16 & 0xF) | MAGIC).to(x.dtype, bitcast=True)    # OFFSET + code of k = 2r
-            hi = ((p16 >> 4) | MAGIC).to(x.dtype, bitcast=True)     # OFFSET + code of k = 2r + 1
             if INTERPRET:
+                p16 = p.to(tl.int16)
+                lo = ((p16 & 0xF) | MAGIC).to(x.dtype, bitcast=True)    # OFFSET + code of k = 2r
+                hi = ((p16 >> 4) | MAGIC).to(x.dtype, bitcast=True)     # OFFSET + code of k = 2r + 1
                 dot = tl.dot(xe.to(tl.float32), lo.to(tl.float32)) + tl.dot(xo.to(tl.float32), hi.to(tl.float32))
             else:
-                dot = tl.dot(xo, hi, tl.dot(xe, lo))
+                lo, hi = _unpack_asm(p, MAGIC)
+                dot = tl.dot(xo, hi.to(x.dtype, bitcast=True), tl.dot(xe, lo.to(x.dtype, bitcast=True)))
             x_sum = tl.sum(x.to(tl.float32), axis=1)
             acc += s[None, :] * (dot - x_sum[:, None] * (z + MAGIC_OFFSET)[None, :])
     if BLOCK_M == 1:
@@ -199,15 +247,15 @@ def _w4a16_dp_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
         # sizes
         M, N, K, group_size,
-        # strides (the weight, scales and zeros are contiguous with row stride N)
-        stride_xm, stride_om,
+        # strides (packed is [N, ceil(K/2)] with row stride stride_wn; scales, zeros [K/G, N])
+        stride_xm, stride_wn, stride_om,
         # meta-parameters
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, INTERPRET: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, 0, tl.cdiv(K, BLOCK_K),
-                    M, N, K, group_size, stride_xm, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
+                    M, N, K, group_size, stride_xm, stride_wn, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
                     INTERPRET)
     _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
 
@@ -219,7 +267,7 @@ def _w4a16_splitk_kernel(
         # sizes
         M, N, K, group_size,
         # strides
-        stride_xm, stride_om,
+        stride_xm, stride_wn, stride_om,
         # decomposition: each of the n_splits programs of a tile owns iters_per_split K-iterations
         iters_per_split, n_splits,
         # meta-parameters
@@ -233,7 +281,7 @@ def _w4a16_splitk_kernel(
     it_hi = min(it_lo + iters_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
-                    M, N, K, group_size, stride_xm, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
+                    M, N, K, group_size, stride_xm, stride_wn, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
                     INTERPRET)
     _reduce_partial(acc, tile_id, split, n_splits, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
                     M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET)
@@ -253,7 +301,7 @@ def _w4a16_streamk_kernel(
         # sizes
         M, N, K, group_size,
         # strides
-        stride_xm, stride_om,
+        stride_xm, stride_wn, stride_om,
         # decomposition: total = q * P + r iterations; program p owns q (+1 if p < r) of them
         q, r, slots,
         # meta-parameters
@@ -273,7 +321,7 @@ def _w4a16_streamk_kernel(
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, k_lo, k_hi,
-                        M, N, K, group_size, stride_xm, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
+                        M, N, K, group_size, stride_xm, stride_wn, MAGIC, MAGIC_OFFSET, BLOCK_M, BLOCK_N, BLOCK_K,
                         INTERPRET)
         if (k_lo == 0) & (k_hi == k_iters):
             _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
@@ -439,7 +487,7 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
                   INTERPRET=_interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                   GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x2, qw.packed, qw.scales, qw.zeros, out2)
-    sizes = (M, N, K, G, x2.stride(0), out2.stride(0))
+    sizes = (M, N, K, G, x2.stride(0), qw.packed.stride(0), out2.stride(0))
     if cfg.decomposition == "dp":
         return _w4a16_dp_kernel[(tiles,)](*args, *sizes, **common)
 
