@@ -59,7 +59,7 @@ def candidates(decomposition: str, M: int, N: int, K: int, n_sm: int, quick: boo
     """Candidate configs of one decomposition, pruned.
 
     Tensor-core tiles: block_m 16 (one row-tile for M <= 16), block_k 64 or 128, block_n
-    32..256, 4 or 8 warps. For M <= 2 also the FMA path, block_m 1, in the shape of GemLite's
+    32..256, 2 to 8 warps (fewer warps per program, more programs per SM). For M <= 2 also the FMA path, block_m 1, in the shape of GemLite's
     M = 1 GEMV: many small programs (block_k 32..128, 1..4 warps) whose number, not a deep
     pipeline, keeps enough bytes in flight. 3 or 4 pipeline stages (tensor-core path). split_k and programs are
     runtime arguments, so their variants cost no compile. Pruned: launches that fill under a
@@ -72,7 +72,7 @@ def candidates(decomposition: str, M: int, N: int, K: int, n_sm: int, quick: boo
     # (block_m, block_n, block_k, num_warps)
     shapes = [(16, bn, bk, nw) for bn in ((64, 128) if quick else (32, 64, 128, 256))
               for bk in ((128,) if quick else (64, 128))
-              for nw in ((4, 8) if bn >= 128 and not quick else (4,))]
+              for nw in ((4,) if quick else (2, 4) if bn <= 64 else (2, 4, 8) if bn == 128 else (4, 8))]
     if M <= 2:
         shapes += [(1, bn, bk, nw) for bn in ((64,) if quick else (64, 128, 256))
                    for bk in ((128,) if quick else (32, 64, 128))
