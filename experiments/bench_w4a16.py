@@ -125,7 +125,7 @@ def gemlite_layer(qw: Int4Weight):
     N, K = qw.shape
     layer = gemlite.GemLiteLinear(4, group_size=qw.group_size, in_features=K, out_features=N,
                                   input_dtype=gemlite.DType.FP16, output_dtype=gemlite.DType.FP16)
-    layer.pack(qw.codes(), qw.scales.t().contiguous(), qw.zeros.t().contiguous(), bias=None)
+    layer.pack(qw.codes(), qw.scales.t().contiguous(), qw.zeros.t().to(qw.scales.dtype).contiguous(), bias=None)
     return layer
 
 

@@ -59,10 +59,11 @@ def candidates(decomposition: str, M: int, N: int, K: int, n_sm: int, quick: boo
     """Candidate configs of one decomposition, pruned.
 
     Tensor-core tiles: block_m 16 (one row-tile for M <= 16), block_k 64 or 128, block_n
-    32..256, 2 to 8 warps (fewer warps per program, more programs per SM). For M <= 2 also the FMA path, block_m 1, in the shape of GemLite's
-    M = 1 GEMV: many small programs (block_k 32..128, 1..4 warps) whose number, not a deep
-    pipeline, keeps enough bytes in flight. 3 or 4 pipeline stages (tensor-core path). split_k and programs are
-    runtime arguments, so their variants cost no compile. Pruned: launches that fill under a
+    32..256, 2 to 8 warps (fewer warps per program, more programs per SM). For M <= 2 also
+    the FMA path, block_m 1, in the shape of GemLite's M = 1 GEMV: many small programs
+    (block_k 32..128, 1..4 warps) whose number, not a deep pipeline, keeps enough bytes in
+    flight. 3 or 4 pipeline stages (tensor-core path). split_k and programs are runtime
+    arguments, so their variants cost no compile. Pruned: launches that fill under a
     quarter of the SMs (the weights stream from too few SMs to reach bandwidth) unless
     nothing else is left, and variants that run the same launch as another (split_k past
     the K-iterations, programs past the work)."""
@@ -131,7 +132,7 @@ def tune_entry(x: torch.Tensor, qws: list[Int4Weight], n_sm: int, replays: int, 
         timed = []
         for cfg in candidates(dec, M, N, K, n_sm, quick):
             fns = [partial(w4a16_matmul, x, q, config=cfg) for q in qws]
-            timed.append((timing.time_graph(fns, replays=replays, warmup=2)["median_us"], cfg))
+            timed.append((timing.time_graph(fns, replays=replays, warmup=2, warmup_ms=5.0)["median_us"], cfg))
         for t, cfg in sorted(timed, key=lambda tc: tc[0]):
             err = check_config(x, qws[0], cfg, ref)
             if err <= MAX_REL_ERR:

@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tiny_gemm import W4A16Config, quantize, select_config, w4a16_matmul, w4a16_reference
+from tiny_gemm import Int4Weight, W4A16Config, quantize, select_config, w4a16_matmul, w4a16_reference
 
 from conftest import DEVICE, INTERPRET, assert_close_to_ref, poisoned
 
@@ -66,6 +66,23 @@ def test_group_sizes(group_size, decomposition, dtype):
     cfg = W4A16Config(decomposition, block_n=64, block_k=128, split_k=4, programs=3)
     run_checked(x, qw, config=cfg)
     run_checked(x[:1], qw, config=replace(cfg, block_m=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("decomposition", DECOMPS)
+@pytest.mark.parametrize("block_m", [1, 16])
+def test_fractional_zeros(block_m, decomposition, dtype):
+    """Float (HQQ-style fractional) zeros take the x-sum epilogue; quantize's int8 zeros, used
+    everywhere else here, are subtracted in the tensor-core operand."""
+    g = torch.Generator().manual_seed(21)
+    N, K, G = 200, 384, 128
+    codes = torch.randint(0, 16, (N, K), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(N, K // G, generator=g) * 0.1 + 0.01).to(dtype)
+    zeros = (torch.rand(N, K // G, generator=g) * 15).to(dtype)
+    qw = Int4Weight.from_codes(codes, scales, zeros, G).to(DEVICE)
+    assert qw.zeros.dtype == dtype
+    x = torch.randn(1 if block_m == 1 else 3, K, generator=g).to(dtype).to(DEVICE)
+    run_checked(x, qw, config=replace(SMALL[decomposition], block_m=block_m))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

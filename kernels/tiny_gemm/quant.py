@@ -9,8 +9,12 @@ Format (``Int4Weight``), for a weight of nn.Linear shape [N, K] (out_features, i
   straight into the operand's layout. Four consecutive bytes of a row, read as a
   little-endian int32, are one AutoGPTQ ``qweight`` word (eight codes along K, lowest nibble
   first), so GPTQ's qweight [K/8, N] is ``packed.view(int32).T``.
-* ``scales`` and ``zeros``: [K // group_size, N] in one float dtype (fp16, bf16 or fp32);
-  zeros may be fractional (HQQ / GemLite convention).
+* ``scales``: [K // group_size, N] in fp16, bf16 or fp32.
+* ``zeros``: [K // group_size, N], either int8 (integer zero points, as round-to-nearest and
+  GPTQ give; ``quantize`` and ``from_gptq`` store these) or the scales' float dtype
+  (fractional zero points, the HQQ / GemLite convention). The dtype picks the kernel's
+  epilogue at compile time: an integer zero is subtracted from the codes in the tensor-core
+  operand, exactly in fp16 and bf16; a fractional one needs the sum of x over each group.
 * dequantized weight: ``w[n, k] = (code[n, k] - zeros[k // G, n]) * scales[k // G, n]``.
 """
 from __future__ import annotations
@@ -74,8 +78,9 @@ class Int4Weight:
                  f"packed must be [{N}, {(K + 1) // 2}] for shape {self.shape}, got {list(self.packed.shape)}")
         _require(self.scales.dtype in FLOAT_DTYPES, TypeError,
                  f"scales must be one of {FLOAT_DTYPES}, got {self.scales.dtype}")
-        _require(self.zeros.dtype == self.scales.dtype, TypeError,
-                 f"zeros dtype {self.zeros.dtype} differs from scales dtype {self.scales.dtype}")
+        _require(self.zeros.dtype in (self.scales.dtype, torch.int8), TypeError,
+                 f"zeros must be int8 (integer zero points) or the scales' dtype {self.scales.dtype}, "
+                 f"got {self.zeros.dtype}")
         _require(K % self.group_size == 0, ValueError,
                  f"K = {K} is not a multiple of group_size = {self.group_size}")
         groups = (K // self.group_size, N)
@@ -123,7 +128,10 @@ class Int4Weight:
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    group_size: int | None) -> "Int4Weight":
-        """From unpacked codes [N, K] (0..15) and scales, zeros [N, K // group_size] (HQQ layout)."""
+        """From unpacked codes [N, K] (0..15) and scales, zeros [N, K // group_size] (HQQ layout).
+
+        Float zeros are kept as float (they may be fractional); pass int8 zeros to declare
+        integer zero points, which the kernel applies more cheaply."""
         _require(isinstance(codes, torch.Tensor) and codes.dim() == 2, ValueError,
                  "codes must be a 2-D tensor [N, K]")
         _require(not codes.is_floating_point() and not codes.is_complex(), TypeError,
@@ -137,8 +145,8 @@ class Int4Weight:
                  f"zeros must have the shape of scales {list(scales.shape)}, got {list(zeros.shape)}")
         _require(scales.dtype in FLOAT_DTYPES, TypeError,
                  f"scales must be one of {FLOAT_DTYPES}, got {scales.dtype}")
-        return cls(pack_codes(codes.to(torch.uint8)), scales.t().contiguous(),
-                   zeros.t().to(scales.dtype).contiguous(), G, (N, K))
+        z = zeros.t() if zeros.dtype == torch.int8 else zeros.t().to(scales.dtype)
+        return cls(pack_codes(codes.to(torch.uint8)), scales.t().contiguous(), z.contiguous(), G, (N, K))
 
     @classmethod
     def from_gptq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
@@ -161,7 +169,7 @@ class Int4Weight:
         packed = qweight.t().contiguous().view(torch.uint8)
         shifts = torch.arange(0, 32, 4, device=qzeros.device, dtype=torch.int32)
         z = ((qzeros.unsqueeze(-1) >> shifts) & 0xF).reshape(K // G, N) + 1
-        return cls(packed, scales.contiguous(), z.to(scales.dtype), G, (N, K))
+        return cls(packed, scales.contiguous(), z.to(torch.int8), G, (N, K))
 
     def to_gptq(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(qweight [K/8, N], qzeros [K/G, N/8], scales [K/G, N]) in the AutoGPTQ int32 layout."""
@@ -180,8 +188,8 @@ class Int4Weight:
 def quantize(w: torch.Tensor, group_size: int | None = 128) -> Int4Weight:
     """Asymmetric round-to-nearest INT4 quantization of w [N, K] in groups along K.
 
-    Each group's range is widened to include 0, so zeros are integers in 0..15 and an
-    all-zero group is exact. Scales are rounded to w's dtype before the codes are chosen,
+    Each group's range is widened to include 0, so zeros are integers in 0..15 (stored as
+    int8) and an all-zero group is exact. Scales are rounded to w's dtype before the codes are chosen,
     so the stored scales are the ones the codes were fitted to.
     """
     _require(isinstance(w, torch.Tensor), TypeError, f"w must be a torch.Tensor, got {type(w).__name__}")
@@ -198,7 +206,7 @@ def quantize(w: torch.Tensor, group_size: int | None = 128) -> Int4Weight:
     zero = (-lo / scale).round().clamp(0, 15)
     codes = (wg / scale.unsqueeze(-1) + zero.unsqueeze(-1)).round().clamp(0, 15).to(torch.uint8)
     return Int4Weight(pack_codes(codes.reshape(N, K)), scale.t().to(w.dtype).contiguous(),
-                      zero.t().to(w.dtype).contiguous(), G, (N, K))
+                      zero.t().to(torch.int8).contiguous(), G, (N, K))
 
 
 def dequantize(qw: Int4Weight) -> torch.Tensor:
