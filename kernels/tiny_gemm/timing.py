@@ -167,14 +167,17 @@ def _driver_version() -> str | None:
 
 
 def _git_state() -> tuple[str | None, bool | None]:
-    """(commit, dirty) of the checkout this file sits in. Where git cannot tell (a copy of the
-    tree on a remote GPU machine, whose .git may be missing or unusable), the caller's
-    TINY_GEMM_GIT_COMMIT and TINY_GEMM_GIT_DIRTY (0/1), set from the checkout the copy was
-    made of; else (None, None)."""
+    """(commit, dirty) of the measured tree. TINY_GEMM_GIT_COMMIT and TINY_GEMM_GIT_DIRTY (0/1)
+    win when set: a copy of the tree on a remote GPU machine carries a .git that may be
+    stale (one answered a commit three behind the copied tree, and dirty), so whoever made
+    the copy says what it is. Otherwise git of the checkout this file sits in; else
+    (None, None)."""
+    if os.environ.get("TINY_GEMM_GIT_COMMIT"):
+        dirty = os.environ.get("TINY_GEMM_GIT_DIRTY")
+        return os.environ["TINY_GEMM_GIT_COMMIT"], (None if dirty is None else dirty == "1")
     commit = _run(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT) if (_REPO_ROOT / ".git").exists() else None
     if commit is None:
-        dirty = os.environ.get("TINY_GEMM_GIT_DIRTY")
-        return os.environ.get("TINY_GEMM_GIT_COMMIT"), (None if dirty is None else dirty == "1")
+        return None, None
     status = _run(["git", "status", "--porcelain"], cwd=_REPO_ROOT)
     return commit, (None if status is None else bool(status))
 
