@@ -316,6 +316,41 @@ def bench_shape(K: int, N: int, Ms: tuple[int, ...], bandwidth: float, replays: 
 
 
 # ------------------------------------------------------------------------------------------
+# As a runner of experiments/run.py (experiment.runner: bench_w4a16, the default)
+# ------------------------------------------------------------------------------------------
+def experiment_shapes(cfg) -> list[tuple[int, int]]:
+    """(K, N) of the shape family's layers and the extra shapes, each once, in order."""
+    shapes = [(int(layer.K), int(layer.N)) for layer in cfg.shapes.layers]
+    shapes += [(int(k), int(n)) for k, n in cfg.extra_shapes]
+    return list(dict.fromkeys(shapes))
+
+
+def check_experiment(cfg) -> None:
+    """A misspelt method or an empty sweep is a ValueError before any GPU work."""
+    exp = cfg.experiment
+    unknown = set(exp.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"experiment.methods: unknown {sorted(unknown)}; known: {list(METHODS)}")
+    if not exp.M or any(int(m) < 1 for m in exp.M):
+        raise ValueError(f"experiment.M must list batch sizes >= 1, got {list(exp.M)}")
+    if not experiment_shapes(cfg):
+        raise ValueError("no shapes: give shapes=<family> or extra_shapes=[[K,N],...]")
+
+
+def run_experiment(cfg, bandwidth: float) -> tuple[list[dict], tuple[str, ...]]:
+    """Every method of the experiment at every M over the shapes: rows and their columns."""
+    from tqdm import tqdm
+    exp = cfg.experiment
+    names = tuple(exp.methods)
+    with_gemlite = "gemlite" in names and setup_gemlite()
+    rows = []
+    for K, N in tqdm(experiment_shapes(cfg), desc=f"{exp.name} ({cfg.shapes.name})", unit="shape"):
+        rows += bench_shape(K, N, tuple(int(m) for m in exp.M), bandwidth, cfg.replays, with_gemlite,
+                            experiment=exp.name, names=names, split_ks=tuple(exp.get("split_k", ())))
+    return rows, CSV_COLUMNS
+
+
+# ------------------------------------------------------------------------------------------
 # Output
 # ------------------------------------------------------------------------------------------
 def _fmt(v, spec: str) -> str:
@@ -329,16 +364,17 @@ def format_row(r: dict) -> str:
 
 
 def write_results(out_dir: Path, rows: list[dict], meta: dict, force: bool = False,
-                  experiment: str = EXPERIMENT) -> Path:
-    """Write <experiment>.csv and .json; an existing result (e.g. the committed reference run)
-    is kept unless force, and the new one gets a timestamped name beside it."""
+                  experiment: str = EXPERIMENT, columns: tuple[str, ...] = CSV_COLUMNS) -> Path:
+    """Write <experiment>.csv (the given columns) and .json; an existing result (e.g. the
+    committed reference run) is kept unless force, and the new one gets a timestamped name
+    beside it."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = experiment
     if not force and (out_dir / f"{stem}.csv").exists():
         stem = f"{experiment}.{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
         print(f"{out_dir / experiment}.csv exists (use --force to replace it); writing {stem}.csv")
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         w.writerows(rows)
     (out_dir / f"{stem}.json").write_text(json.dumps(meta, indent=1, default=str) + "\n")

@@ -117,7 +117,7 @@ def _unpack_asm(p, MAGIC: tl.constexpr):
 def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
               M, N, K, group_size, stride_xm, stride_wn,
               MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              ABLATE_DEQUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               INTERPRET: tl.constexpr):
     """acc += x[tile rows, K-iterations it_lo..it_hi) @ W[same K, tile cols], fp32.
 
@@ -205,11 +205,18 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
                 hi = ((p16 >> 4) | MAGIC).to(x.dtype, bitcast=True).to(tl.float32)    # OFFSET + q, k = 2r + 1
                 xe = xe.to(tl.float32)
                 xo = xo.to(tl.float32)
+            elif ABLATE_DEQUANT:
+                # the dequant_breakdown experiment's kernel: the bytes, zero-extended, are the
+                # operands; no unpack, no zero point (wrong results, on purpose)
+                lo = p.to(tl.int16).to(x.dtype, bitcast=True)
+                hi = lo
             else:
                 lo, hi = _unpack_asm(p, MAGIC)
                 lo = lo.to(x.dtype, bitcast=True)
                 hi = hi.to(x.dtype, bitcast=True)
-            if ZERO_INT:
+            if ABLATE_DEQUANT:
+                acc += s[None, :] * tl.dot(xo, hi, tl.dot(xe, lo))
+            elif ZERO_INT:
                 # (OFFSET + q) - (OFFSET + z) = q - z, exact in fp16 and bf16 for int8 z
                 zo = (z + MAGIC_OFFSET).to(lo.dtype)
                 acc += s[None, :] * tl.dot(xo, hi - zo[None, :], tl.dot(xe, lo - zo[None, :]))
@@ -277,12 +284,13 @@ def _w4a16_dp_kernel(
         # strides (packed is [N, ceil(K/2)] with row stride stride_wn; scales, zeros [K/G, N])
         stride_xm, stride_wn, stride_om,
         # meta-parameters
-        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr, INTERPRET: tl.constexpr,
+        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
+        ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, 0, tl.cdiv(K, BLOCK_K),
-                    M, N, K, group_size, stride_xm, stride_wn, MAGIC, MAGIC_OFFSET, ZERO_INT, BLOCK_M, BLOCK_N, BLOCK_K,
+                    M, N, K, group_size, stride_xm, stride_wn, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
                     INTERPRET)
     _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
 
@@ -298,7 +306,8 @@ def _w4a16_splitk_kernel(
         # decomposition: each of the n_splits programs of a tile owns iters_per_split K-iterations
         iters_per_split, n_splits,
         # meta-parameters
-        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr, INTERPRET: tl.constexpr,
+        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
+        ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         NUM_THREADS: tl.constexpr):
     tile_id = tl.program_id(0)
@@ -308,7 +317,7 @@ def _w4a16_splitk_kernel(
     it_hi = min(it_lo + iters_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
-                    M, N, K, group_size, stride_xm, stride_wn, MAGIC, MAGIC_OFFSET, ZERO_INT, BLOCK_M, BLOCK_N, BLOCK_K,
+                    M, N, K, group_size, stride_xm, stride_wn, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
                     INTERPRET)
     _reduce_partial(acc, tile_id, split, n_splits, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
                     M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET)
@@ -332,7 +341,8 @@ def _w4a16_streamk_kernel(
         # decomposition: total = q * P + r iterations; program p owns q (+1 if p < r) of them
         q, r, slots,
         # meta-parameters
-        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr, INTERPRET: tl.constexpr,
+        MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
+        ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         NUM_THREADS: tl.constexpr):
     pid = tl.program_id(0)
@@ -348,7 +358,7 @@ def _w4a16_streamk_kernel(
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, k_lo, k_hi,
-                        M, N, K, group_size, stride_xm, stride_wn, MAGIC, MAGIC_OFFSET, ZERO_INT, BLOCK_M, BLOCK_N, BLOCK_K,
+                        M, N, K, group_size, stride_xm, stride_wn, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
                         INTERPRET)
         if (k_lo == 0) & (k_hi == k_iters):
             _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
@@ -500,8 +510,11 @@ def w4a16_reference(x: torch.Tensor, qw: Int4Weight, dtype: torch.dtype = torch.
     return (x.to(dtype) @ w.t())
 
 
-def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Config):
-    """Launch one kernel; returns Triton's handle of the compiled kernel (for inspection)."""
+def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Config,
+            ablate_dequant: bool = False):
+    """Launch one kernel; returns Triton's handle of the compiled kernel (for inspection).
+    ablate_dequant (tensor-core path only, experiments/dequant_breakdown): the same kernel
+    with its unpacking and zero point removed, to measure what they cost. Wrong results."""
     M, K = x2.shape
     N = qw.out_features
     G = qw.group_size
@@ -511,6 +524,7 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     k_iters = triton.cdiv(K, bk)
     common = dict(MAGIC=magic, MAGIC_OFFSET=offset, ZERO_INT=qw.zeros.dtype == torch.int8,
+                  ABLATE_DEQUANT=ablate_dequant,
                   INTERPRET=_interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                   GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x2, qw.packed, qw.scales, qw.zeros, out2)
