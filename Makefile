@@ -58,7 +58,7 @@ bench: $(ENV) ## time W4A16 against cuBLAS FP16 and tinygemm on this GPU -> resu
 
 # each experiment runs on its config's shape family unless SHAPES names one; FORCE=1 replaces
 # existing results of this GPU (else new ones are written beside them, timestamped)
-EXPERIMENTS ?= int4_vs_fp16 splitk_vs_dp
+EXPERIMENTS ?= int4_vs_fp16 splitk_vs_dp dequant_breakdown roofline attention_fusion ffn_fusion
 SHAPES      ?=
 FORCE       ?=
 experiments: $(ENV) ## run the Hydra experiments (EXPERIMENTS=..., SHAPES=...) -> results/<gpu>/

@@ -22,7 +22,8 @@ def _compose(overrides):
 
 def test_the_families_the_paper_needs_are_there():
     assert {"llama2_7b", "llama3_8b", "llama3_70b", "mistral_7b"} <= set(SHAPES)
-    assert {"int4_vs_fp16", "splitk_vs_dp"} <= set(EXPERIMENTS)
+    assert {"int4_vs_fp16", "splitk_vs_dp", "dequant_breakdown", "roofline", "attention_fusion",
+            "ffn_fusion"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)

@@ -28,8 +28,11 @@ selected by ``fusion``:
                   4 B = 59 MB for Llama-3-8B at BLOCK_F = 128, against 352 MB of fp16 weights.
                   The ticket counters are w4a16's (``_tile_locks``, zero at rest), so as for
                   w4a16_matmul, calls on different streams of one device must not overlap.
-* ``"auto"``      "full" for M <= 16, else "epilogue": a placeholder, to be decided by
-                  measurement on a GPU.
+* ``"auto"``      "none", the fastest by measurement: on an H200 at M = 1..16 (Llama-3-8B
+                  SwiGLU, results/nvidia_h200/ffn_fusion.csv) "epilogue" took 1.6x and "full"
+                  12x its time. cuBLAS streams the fp16 weights near the copy bandwidth,
+                  and neither Triton GEMM here does yet; "full" also reduces its F-split
+                  partials through memory.
 
 In every variant h is rounded to the activation dtype before the second GEMM (the dtype the
 tensor cores take); "none" also rounds x @ w1 (and x @ w_up) before the activation.
@@ -58,8 +61,6 @@ ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 FUSIONS = ("auto", "none", "epilogue", "full")
 BACKENDS = ("auto", "triton", "torch")
 DTYPES = (torch.float16, torch.bfloat16)
-# Largest M for which fusion="auto" picks "full" (one M-tile of 16 rows, the smallest tl.dot).
-FULL_MAX_M = 16
 
 Weight = torch.Tensor | Int4Weight   # a dense [in, out] tensor or an INT4 [out, in] one
 
@@ -423,7 +424,7 @@ def _ffn(x, w1, b1, w3, w2, b2, activation, backend, fusion, out, names):
         _ffn_int4(x2, w1, b1, w3, w2, b2, activation, out2)
     else:
         if fusion == "auto":
-            fusion = "full" if M <= FULL_MAX_M else "epilogue"
+            fusion = "none"
         _DENSE_PATHS[fusion](x2, w1, b1, w3, w2, b2, activation, out2)
     return out
 
