@@ -30,7 +30,7 @@ help: ## list the targets
 
 all: unit ## environment, tests, experiments (on a CUDA GPU), figures and the PDF
 	@if [ "$(HAS_GPU)" = "1" ]; then $(MAKE) --no-print-directory experiments || exit 1; \
-	else echo "no CUDA GPU: experiments skipped; figures and PDF from the committed results ($(or $(RESULTS),the newest set under results/))"; fi
+	else echo "no CUDA GPU: experiments skipped; figures and PDF from the committed results ($(or $(RESULTS),the most complete set under results/))"; fi
 	@$(MAKE) --no-print-directory paper
 
 $(VENV)/.installed: pyproject.toml

@@ -1,8 +1,9 @@
 """What the notebooks share: which results set they read, where figures and the numbers the
 paper quotes go, and the LaTeX macro names of those numbers.
 
-The results set is $TINY_GEMM_RESULTS (the Makefile's RESULTS=results/<gpu>), else the set
-under results/ whose newest provenance is the latest.
+The results set is $TINY_GEMM_RESULTS (the Makefile's RESULTS=results/<gpu>), else the most
+complete set under results/ (the most result files; of equals, the one measured last), so that
+a GPU with only a bench run does not take the paper away from the set that has every experiment.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def results_dir() -> Path:
     sets = [d for d in (ROOT / "results").iterdir() if d.is_dir() and any(d.glob("*.csv"))]
     if not sets:
         raise FileNotFoundError("no results under results/: run `make experiments` on a GPU")
-    return max(sets, key=_newest)
+    return max(sets, key=lambda d: (len(list(d.glob("*.csv"))), _newest(d)))
 
 
 def load(name: str) -> tuple[pd.DataFrame, dict]:
