@@ -189,8 +189,8 @@ def quantize(w: torch.Tensor, group_size: int | None = 128) -> Int4Weight:
     """Asymmetric round-to-nearest INT4 quantization of w [N, K] in groups along K.
 
     Each group's range is widened to include 0, so zeros are integers in 0..15 (stored as
-    int8) and an all-zero group is exact. Scales are rounded to w's dtype before the codes are chosen,
-    so the stored scales are the ones the codes were fitted to.
+    int8) and an all-zero group is exact. Scales are rounded to w's dtype before the codes
+    are chosen, so the stored scales are the ones the codes were fitted to.
     """
     _require(isinstance(w, torch.Tensor), TypeError, f"w must be a torch.Tensor, got {type(w).__name__}")
     _require(w.dtype in FLOAT_DTYPES, TypeError, f"w must be one of {FLOAT_DTYPES}, got {w.dtype}")

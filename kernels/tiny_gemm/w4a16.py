@@ -32,7 +32,8 @@ operands (``_unpack_asm``) and removes the offset with the zero point, by the ze
   itself, one packed subtraction per two codes, exact in fp16 and bf16; y += s * (x @ (q - z)).
 * float zeros (fractional, HQQ): y += s * (x @ (OFFSET + q) - (z + OFFSET) * sum_k x_k), which
   needs a row sum of x per tile (a cross-warp reduction). On an H200 the int8 form ran
-  1.1-1.3x faster at M = 1 and 16 (K 4096..14336, N 4096..28672).
+  1.07-1.3x faster at M = 1 and 16 with the tuned tiles (K 4096..14336, N 4096..28672;
+  results/nvidia_h200/scratch/exp3_zero_point_epilogues.txt).
 
 The M = 1 path (block_m = 1, no tensor cores) uses the fp32 pattern 1 + q / 16 instead; see
 ``_mac_tile``.
@@ -153,7 +154,8 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
     w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_r[:, None]
     # Loads that do not feed tl.dot are not pipelined by Triton, so the next iteration's are
     # issued before this one's math by hand: its group's scales and zeros (a DRAM latency per
-    # iteration otherwise: ~20% of the time at M = 1, K 8192, N 28672 on an H200) and, for
+    # iteration otherwise: ~20% of the time at M = 1, K 8192, N 28672 on an H200, see
+    # results/nvidia_h200/scratch/exp2_run_length_and_groups.txt) and, for
     # the FMA path, which has no dot, its weights and x as well.
     g0 = (it_lo * BLOCK_K) // group_size
     s_next = tl.load(s_ptr + g0 * N + offs_n, mask=mask_n & (it_lo < it_hi), other=0.0)
