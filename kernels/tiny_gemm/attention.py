@@ -45,18 +45,17 @@ Outputs are contiguous.
 from __future__ import annotations
 
 import math
-import os
 from functools import lru_cache
 
 import torch
 import triton
 import triton.language as tl
 
+from ._checks import check_out as _check_out, interpreting as _interpreting, use_triton as _use_triton
 from .quant import _require
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "triton", "torch")
 LOG2E = 1.4426950408889634
 # Flash-Decoding splits hold at least this many keys: below that the combine and the
 # per-program set-up cost more than the parallelism gains.
@@ -371,18 +370,6 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 # ------------------------------------------------------------------------------------------
 # Host side: checks, configurations, launchers
 # ------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _use_triton(backend: str, device: torch.device) -> bool:
-    _require(backend in BACKENDS, ValueError, f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "triton":
-        _require(device.type == "cuda" or _interpreting(), ValueError,
-                 "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
-    return backend == "triton" or (backend == "auto" and (device.type == "cuda" or _interpreting()))
-
-
 def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
     _require(isinstance(t, torch.Tensor), TypeError, f"{name} must be a torch.Tensor, got {type(t).__name__}")
     _require(t.dim() == ndim, ValueError, f"{name} must have {ndim} dimensions {layout}, got shape {list(t.shape)}")
@@ -430,17 +417,6 @@ def _check_dropout(dropout_p, dropout_seed) -> None:
         _require(isinstance(dropout_seed, int) and not isinstance(dropout_seed, bool), TypeError,
                  f"dropout_seed must be an int or None, got {type(dropout_seed).__name__}")
         _require(0 <= dropout_seed < 2**63, ValueError, f"dropout_seed must be in [0, 2^63), got {dropout_seed}")
-
-
-def _check_out(out, shape, like: torch.Tensor, ref_name: str) -> torch.Tensor:
-    if out is None:
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-    _require(isinstance(out, torch.Tensor), TypeError, "out must be a torch.Tensor")
-    _require(out.dtype == like.dtype, TypeError, f"out must have {ref_name}'s dtype {like.dtype}, got {out.dtype}")
-    _require(tuple(out.shape) == tuple(shape), ValueError, f"out must have shape {list(shape)}, got {list(out.shape)}")
-    _require(out.device == like.device, ValueError, f"out is on {out.device}, {ref_name} on {like.device}")
-    _require(out.is_contiguous(), ValueError, "out must be contiguous")
-    return out
 
 
 def _draw_seed() -> int:

@@ -20,12 +20,12 @@ is one cvt.rn.bf16.f32.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._checks import interpreting as _interpreting
 from .quant import Int4Weight, _require
 
 # values of k per tile (at most; a tile never straddles a group) and outputs per program
@@ -69,10 +69,6 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, packed_k, group_size,
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rows[:, None] * K + offs_k[None, :], _round_to(w, out_ptr.dtype.element_ty, INTERPRET),
              mask=mask_n[:, None] & (offs_k[None, :] < K))
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _block_k(K: int, group_size: int) -> int:

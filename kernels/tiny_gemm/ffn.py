@@ -46,7 +46,6 @@ weights, fusion "auto") are registered on import, for torch.compile and CUDA gra
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn.functional as tnf
@@ -54,12 +53,12 @@ import triton
 import triton.language as tl
 
 from . import w4a16 as _w4a16
+from ._checks import BACKENDS, check_out as _check_out, interpreting as _interpreting, use_triton as _use_triton
 from .quant import Int4Weight, _require, dequantize_float
 from .w4a16 import _reduce_partial, _tile_locks, w4a16_matmul
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 FUSIONS = ("auto", "none", "epilogue", "full")
-BACKENDS = ("auto", "triton", "torch")
 DTYPES = (torch.float16, torch.bfloat16)
 
 Weight = torch.Tensor | Int4Weight   # a dense [in, out] tensor or an INT4 [out, in] one
@@ -242,10 +241,6 @@ def _act_kernel(g_ptr, u_ptr, b_ptr, h_ptr, numel, F,
 # ------------------------------------------------------------------------------------------
 # Host code
 # ------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _blocks(M: int, device: torch.device) -> dict:
     """Tile sizes: placeholders until tuned on a GPU. The interpreter pays per program and
     per tile-iteration, so it gets small tiles that still exercise several blocks of
@@ -399,24 +394,12 @@ def _ffn(x, w1, b1, w3, w2, b2, activation, backend, fusion, out, names):
     int4 = any(isinstance(w, Int4Weight) for w, _ in weights)
     _require(not int4 or fusion in ("auto", "none"), ValueError,
              f"fusion={fusion!r} needs dense weights; with an Int4Weight use 'auto' or 'none'")
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    else:
-        _require(isinstance(out, torch.Tensor), TypeError, "out must be a torch.Tensor")
-        _require(out.dtype == x.dtype, TypeError, f"out must have x's dtype {x.dtype}, got {out.dtype}")
-        _require(out.shape == x.shape, ValueError,
-                 f"out must have shape {list(x.shape)}, got {list(out.shape)}")
-        _require(out.device == x.device, ValueError, f"out is on {out.device}, x on {x.device}")
-        _require(out.is_contiguous(), ValueError, "out must be contiguous")
+    out = _check_out(out, x.shape, x, "x")
     M = x.numel() // D if D else 0
     if M == 0:
         return out
 
-    use_triton = backend == "triton" or (backend == "auto" and (x.is_cuda or _interpreting()))
-    if backend == "triton":
-        _require(x.is_cuda or _interpreting(), ValueError,
-                 "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
-    if not use_triton:
+    if not _use_triton(backend, x.device):
         return out.copy_(_reference(x, w1, b1, w3, w2, b2, activation, torch.float32))
     x2 = x.reshape(M, D)
     out2 = out.view(M, D)

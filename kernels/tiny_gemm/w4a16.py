@@ -43,7 +43,6 @@ tile on [BLOCK_M, BLOCK_N] instead of once per weight.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
@@ -53,10 +52,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import BACKENDS, check_out as _check_out, interpreting as _interpreting, use_triton as _use_triton
 from .quant import Int4Weight, _require, dequantize_float
 
 DECOMPOSITIONS = ("dp", "splitk", "streamk")
-BACKENDS = ("auto", "triton", "torch")
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 # (magic bit pattern, the number it adds) per activation dtype
@@ -502,10 +501,6 @@ def _tile_locks(device: torch.device, tiles: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------
 # Host entry points
 # ------------------------------------------------------------------------------------------
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def w4a16_reference(x: torch.Tensor, qw: Int4Weight, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """x @ dequantize(qw).T computed in `dtype` (float64 for tests), shape [..., N]."""
     w = dequantize_float(qw, dtype).to(x.device)
@@ -595,23 +590,11 @@ def w4a16_matmul(x: torch.Tensor, qw: Int4Weight, decomposition: str = "auto",
 
     lead = x.shape[:-1]
     M = x.numel() // K
-    if out is None:
-        out = torch.empty(*lead, N, dtype=x.dtype, device=x.device)
-    else:
-        _require(isinstance(out, torch.Tensor), TypeError, "out must be a torch.Tensor")
-        _require(out.dtype == x.dtype, TypeError, f"out must have x's dtype {x.dtype}, got {out.dtype}")
-        _require(tuple(out.shape) == (*lead, N), ValueError,
-                 f"out must have shape {[*lead, N]}, got {list(out.shape)}")
-        _require(out.device == x.device, ValueError, f"out is on {out.device}, x on {x.device}")
-        _require(out.is_contiguous(), ValueError, "out must be contiguous")
+    out = _check_out(out, (*lead, N), x, "x")
     if M == 0:
         return out
 
-    use_triton = backend == "triton" or (backend == "auto" and (x.is_cuda or _interpreting()))
-    if backend == "triton":
-        _require(x.is_cuda or _interpreting(), ValueError,
-                 "backend='triton' needs CUDA tensors or TRITON_INTERPRET=1")
-    if not use_triton:
+    if not _use_triton(backend, x.device):
         out.copy_(w4a16_reference(x, qw, torch.float32).to(x.dtype))
         return out
 
