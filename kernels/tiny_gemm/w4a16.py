@@ -77,6 +77,26 @@ def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+def _unpack_ptx(magic_byte: int) -> str:
+    """PTX for _unpack_asm: four bytes in, (magic_byte << 8 | low nibble) and (magic_byte << 8 |
+    high nibble) of each byte out, as two pairs of 16-bit values."""
+    return f"""{{
+        .reg .b32 m, h, c;
+        mov.b32 c, 0x{magic_byte * 0x01010101:08X};
+        and.b32 m, $4, 0x0F0F0F0F;
+        shr.u32 h, $4, 4;
+        and.b32 h, h, 0x0F0F0F0F;
+        prmt.b32 $0, m, c, 0x5140;
+        prmt.b32 $1, m, c, 0x7362;
+        prmt.b32 $2, h, c, 0x5140;
+        prmt.b32 $3, h, c, 0x7362;
+        }}"""
+
+
+_UNPACK_PTX_FP16 = tl.constexpr(_unpack_ptx(0x64))   # 0x6400 | q = fp16 1024 + q
+_UNPACK_PTX_BF16 = tl.constexpr(_unpack_ptx(0x43))   # 0x4300 | q = bf16 128 + q
+
+
 @triton.jit
 def _unpack_asm(p, MAGIC: tl.constexpr):
     """(MAGIC | low nibble, MAGIC | high nibble) of each byte of p, as 16-bit patterns.
@@ -86,29 +106,9 @@ def _unpack_asm(p, MAGIC: tl.constexpr):
     picks each code byte and the MAGIC byte above it) per eight codes. Elementwise, so its
     result does not depend on which four elements a thread packs together."""
     if MAGIC == 0x6400:
-        asm: tl.constexpr = """{
-        .reg .b32 m, h, c;
-        mov.b32 c, 0x64646464;
-        and.b32 m, $4, 0x0F0F0F0F;
-        shr.u32 h, $4, 4;
-        and.b32 h, h, 0x0F0F0F0F;
-        prmt.b32 $0, m, c, 0x5140;
-        prmt.b32 $1, m, c, 0x7362;
-        prmt.b32 $2, h, c, 0x5140;
-        prmt.b32 $3, h, c, 0x7362;
-        }"""
+        asm: tl.constexpr = _UNPACK_PTX_FP16
     else:
-        asm: tl.constexpr = """{
-        .reg .b32 m, h, c;
-        mov.b32 c, 0x43434343;
-        and.b32 m, $4, 0x0F0F0F0F;
-        shr.u32 h, $4, 4;
-        and.b32 h, h, 0x0F0F0F0F;
-        prmt.b32 $0, m, c, 0x5140;
-        prmt.b32 $1, m, c, 0x7362;
-        prmt.b32 $2, h, c, 0x5140;
-        prmt.b32 $3, h, c, 0x7362;
-        }"""
+        asm: tl.constexpr = _UNPACK_PTX_BF16
     return tl.inline_asm_elementwise(asm=asm, constraints="=r,=r,=r,=r,r", args=[p],
                                      dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
 
