@@ -46,7 +46,8 @@ from tiny_gemm.quant import Int4Weight, dequantize
 from tiny_gemm.w4a16 import W4A16Config, _launch, select_config, w4a16_reference
 
 from bench_w4a16 import (CSV_COLUMNS, GROUP_SIZE, Method, ShapeWeights, build_weights,
-                         experiment_shapes, format_row, measure, methods_for, rel_err)
+                         check_experiment as check_bench_experiment, experiment_shapes, format_row,
+                         measure, methods_for, rel_err)
 
 # the methods of bench_w4a16 this experiment reuses, and its own
 REUSED = ("cublas_fp16", "dequant_fp16", "tiny_gemm")
@@ -146,16 +147,9 @@ def breakdown_methods(x: torch.Tensor, wts: ShapeWeights, names: tuple[str, ...]
 # ------------------------------------------------------------------------------------------
 def check_experiment(cfg) -> None:
     """A misspelt method or an empty sweep is a ValueError before any GPU work."""
-    exp = cfg.experiment
-    unknown = set(exp.methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"experiment.methods: unknown {sorted(unknown)}; known: {list(METHODS)}")
-    if not exp.methods:
+    if not cfg.experiment.methods:
         raise ValueError("experiment.methods is empty")
-    if not exp.M or any(int(m) < 1 for m in exp.M):
-        raise ValueError(f"experiment.M must list batch sizes >= 1, got {list(exp.M)}")
-    if not experiment_shapes(cfg):
-        raise ValueError("no shapes: give shapes=<family> or extra_shapes=[[K,N],...]")
+    check_bench_experiment(cfg, METHODS)
 
 
 def run_experiment(cfg, bandwidth: float) -> tuple[list[dict], tuple[str, ...]]:

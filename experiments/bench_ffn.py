@@ -45,7 +45,7 @@ from tiny_gemm.quant import GROUP_SIZES, dequantize, quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import Method, check_and_time, nan_like  # noqa: E402
-from bench_w4a16 import _fmt, clone_int4  # noqa: E402
+from bench_w4a16 import _fmt, check_methods_and_m, clone_int4  # noqa: E402
 
 EXPERIMENT = "ffn_fusion"
 DEVICE = "cuda"         # where weights and activations are made (a CPU check of this module sets "cpu")
@@ -147,13 +147,9 @@ def check_experiment(cfg) -> None:
     """A misspelt method, an empty sweep or sizes the INT4 format cannot hold are a ValueError
     before any GPU work. The shape family of the config is not used."""
     exp = cfg.experiment
-    unknown = set(exp.methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"experiment.methods: unknown {sorted(unknown)}; known: {list(METHODS)}")
     if not exp.methods:
         raise ValueError("experiment.methods is empty: nothing to measure")
-    if not exp.M or any(int(m) < 1 for m in exp.M):
-        raise ValueError(f"experiment.M must list batch sizes >= 1, got {list(exp.M)}")
+    check_methods_and_m(exp, METHODS)
     G = int(exp.group_size)
     if G not in GROUP_SIZES:
         raise ValueError(f"experiment.group_size must be one of {GROUP_SIZES}, got {G}")

@@ -325,14 +325,19 @@ def experiment_shapes(cfg) -> list[tuple[int, int]]:
     return list(dict.fromkeys(shapes))
 
 
-def check_experiment(cfg) -> None:
-    """A misspelt method or an empty sweep is a ValueError before any GPU work."""
-    exp = cfg.experiment
-    unknown = set(exp.methods) - set(METHODS)
+def check_methods_and_m(exp, known: tuple[str, ...]) -> None:
+    """experiment.methods all in `known` and experiment.M a list of batch sizes >= 1, else a
+    ValueError: the part of check_experiment the other runners share."""
+    unknown = set(exp.methods) - set(known)
     if unknown:
-        raise ValueError(f"experiment.methods: unknown {sorted(unknown)}; known: {list(METHODS)}")
+        raise ValueError(f"experiment.methods: unknown {sorted(unknown)}; known: {list(known)}")
     if not exp.M or any(int(m) < 1 for m in exp.M):
         raise ValueError(f"experiment.M must list batch sizes >= 1, got {list(exp.M)}")
+
+
+def check_experiment(cfg, known: tuple[str, ...] = METHODS) -> None:
+    """A misspelt method or an empty sweep is a ValueError before any GPU work."""
+    check_methods_and_m(cfg.experiment, known)
     if not experiment_shapes(cfg):
         raise ValueError("no shapes: give shapes=<family> or extra_shapes=[[K,N],...]")
 
