@@ -102,32 +102,10 @@ def print_rows(rows: list[dict]) -> None:
         print(" ".join(f"{str(r.get(k, '')):>10}" for k in keys))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--offline", action="store_true", help="compile for --arch here, no GPU needed")
-    ap.add_argument("--arch", type=int, default=90, help="compute capability for --offline (90: H100/H200)")
-    args = ap.parse_args()
-    if args.offline:
-        rows = []
-        for dtype in ("fp16", "bf16"):
-            for cfg in CONFIGS:
-                row, ttgir = compile_offline(cfg, dtype, arch=args.arch)
-                rows.append(row)
-                if args.out:
-                    name = f"{cfg.decomposition}_m{cfg.block_m}_n{cfg.block_n}_{dtype}"
-                    Path(args.out, f"{name}.ttgir").write_text(ttgir)
-        if args.out:
-            Path(args.out, "inspect_w4a16_offline.json").write_text(json.dumps(rows, indent=1))
-        print(f"compiled for sm_{args.arch} with Triton's ptxas (no GPU used)")
-        print_rows(rows)
-        return
-    if not torch.cuda.is_available():
-        print("no CUDA GPU: nothing to inspect here; --offline compiles for sm_90 without one")
-        return
+def compile_on_gpu():
+    """(row, ttgir) of each of CONFIGS in fp16 and bf16, compiled by launching it on this GPU."""
     K, N = 4096, 14336
     qw = quantize(torch.randn(N, K, dtype=torch.float16), 128).to("cuda")
-    rows = []
     for dtype in (torch.float16, torch.bfloat16):
         for cfg in CONFIGS:
             M = min(cfg.block_m, 16) if cfg.block_m <= 16 else 64
@@ -138,12 +116,34 @@ def main() -> None:
             row = dict(dtype=str(dtype).split(".")[-1], **cfg.to_dict(), n_regs=k.n_regs, n_spills=k.n_spills,
                        shared=k.metadata.shared, convert_layout=ttgir.count("convert_layout"),
                        local_alloc=ttgir.count("local_alloc"), **sass_mix(k))
-            rows.append(row)
-            if args.out:
-                name = f"{cfg.decomposition}_m{cfg.block_m}_n{cfg.block_n}_{row['dtype']}"
-                Path(args.out, f"{name}.ttgir").write_text(ttgir)
+            yield row, ttgir
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--offline", action="store_true", help="compile for --arch here, no GPU needed")
+    ap.add_argument("--arch", type=int, default=90, help="compute capability for --offline (90: H100/H200)")
+    args = ap.parse_args()
+    if args.offline:
+        cases = (compile_offline(cfg, dtype, arch=args.arch) for dtype in ("fp16", "bf16") for cfg in CONFIGS)
+        json_name = "inspect_w4a16_offline.json"
+    elif torch.cuda.is_available():
+        cases = compile_on_gpu()
+        json_name = "inspect_w4a16.json"
+    else:
+        print("no CUDA GPU: nothing to inspect here; --offline compiles for sm_90 without one")
+        return
+    rows = []
+    for row, ttgir in cases:
+        rows.append(row)
+        if args.out:
+            name = f"{row['decomposition']}_m{row['block_m']}_n{row['block_n']}_{row['dtype']}"
+            Path(args.out, f"{name}.ttgir").write_text(ttgir)
     if args.out:
-        Path(args.out, "inspect_w4a16.json").write_text(json.dumps(rows, indent=1))
+        Path(args.out, json_name).write_text(json.dumps(rows, indent=1))
+    if args.offline:
+        print(f"compiled for sm_{args.arch} with Triton's ptxas (no GPU used)")
     print_rows(rows)
 
 
