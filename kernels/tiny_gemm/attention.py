@@ -197,18 +197,22 @@ def _dropout_mask_kernel(mask_ptr, Nq, Nk, seed, keep_threshold,
 @triton.jit
 def _decode_split_kernel(
         # pointers; the workspace holds [B, H, num_splits, HEAD_DIM] outputs and [B, H, num_splits] lse
-        q_ptr, k_ptr, v_ptr, seqlens_ptr, part_out_ptr, part_lse_ptr,
+        q_ptr, k_ptr, v_ptr, seqlens_ptr, part_out_ptr, part_lse_ptr, out_ptr,
         # sizes; kv head hk serves query heads hk * kv_group .. hk * kv_group + kv_group - 1
         H, Hkv, kv_group, S_max, num_splits, chunk,
         # strides, in elements
         stride_qb, stride_qh, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_od,
         # softmax scale times log2(e)
         qk_scale,
         # meta-parameters
         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        INTERPRET: tl.constexpr):
+        DIRECT: tl.constexpr, INTERPRET: tl.constexpr):
+    """Split `split` of kv head hk of sequence b: its partial output and log-sum-exp to the
+    workspace, or, with DIRECT (one split), the normalized output straight to out (no
+    combine launch)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -246,10 +250,14 @@ def _decode_split_kernel(
         acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], INTERPRET)
         m_i = m_ij
 
-    slot = (b64 * H + heads) * num_splits + split
-    tl.store(part_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
-             mask=row_ok[:, None])
-    tl.store(part_lse_ptr + slot, m_i + tl.math.log2(l_i), mask=row_ok)
+    if DIRECT:
+        tl.store(out_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        slot = (b64 * H + heads) * num_splits + split
+        tl.store(part_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
+                 mask=row_ok[:, None])
+        tl.store(part_lse_ptr + slot, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
 @triton.jit
@@ -588,19 +596,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     splits = num_splits or decode_num_splits(B * Hkv, S_max, _sm_count(q.device))
     chunk = triton.cdiv(triton.cdiv(S_max, splits), block_n) * block_n
     splits = triton.cdiv(S_max, chunk)        # after rounding to whole blocks, none is empty at S_max
-    part_out = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
+    direct = splits == 1       # one split per head: the split kernel writes out itself
+    part_out = torch.empty(0 if direct else B * H * splits * D, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(0 if direct else B * H * splits, dtype=torch.float32, device=q.device)
     if POISON_WORKSPACE:
         part_out.fill_(float("nan"))
         part_lse.fill_(float("nan"))
     kv_group = H // Hkv
     _decode_split_kernel[(B * Hkv, splits)](
-        q, k_cache, v_cache, cache_seqlens, part_out, part_lse,
+        q, k_cache, v_cache, cache_seqlens, part_out, part_lse, out,
         H, Hkv, kv_group, S_max, splits, chunk,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_H=max(16, triton.next_power_of_2(kv_group)), BLOCK_N=block_n,
-        INTERPRET=_interpreting(), num_warps=num_warps, num_stages=num_stages)
+        DIRECT=direct, INTERPRET=_interpreting(), num_warps=num_warps, num_stages=num_stages)
+    if direct:
+        return out
     _decode_combine_kernel[(B * H,)](
         part_out, part_lse, cache_seqlens, out, H, S_max, splits, chunk, *out.stride(),
         HEAD_DIM=D, BLOCK_S=min(triton.next_power_of_2(splits), 64), num_warps=4)
