@@ -319,8 +319,10 @@ def bench_shape(K: int, N: int, Ms: tuple[int, ...], bandwidth: float, replays: 
 # As a runner of experiments/run.py (experiment.runner: bench_w4a16, the default)
 # ------------------------------------------------------------------------------------------
 def experiment_shapes(cfg) -> list[tuple[int, int]]:
-    """(K, N) of the shape family's layers and the extra shapes, each once, in order."""
-    shapes = [(int(layer.K), int(layer.N)) for layer in cfg.shapes.layers]
+    """(K, N) of the shape family's layers (of each family, for shapes=all) and the extra
+    shapes, each once, in order."""
+    families = [cfg.shapes] + list(cfg.shapes.get("families", {}).values())
+    shapes = [(int(layer.K), int(layer.N)) for fam in families for layer in fam.get("layers", [])]
     shapes += [(int(k), int(n)) for k, n in cfg.extra_shapes]
     return list(dict.fromkeys(shapes))
 

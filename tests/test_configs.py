@@ -32,8 +32,8 @@ def test_compose(experiment, shapes):
     cfg = _compose([f"experiment={experiment}", f"shapes={shapes}"])
     check_experiment(cfg)
     assert cfg.experiment.name == experiment
-    for layer in cfg.shapes.layers:
-        assert layer.K > 0 and layer.N > 0 and layer.K % 128 == 0
+    shapes = experiment_shapes(cfg)
+    assert shapes and all(K > 0 and N > 0 and K % 128 == 0 for K, N in shapes)
 
 
 def test_default_shapes_of_an_experiment_and_extra_shapes():
@@ -47,3 +47,14 @@ def test_bad_method_is_rejected():
     cfg = _compose(["experiment.methods=[cublas_fp16,marlin]"])
     with pytest.raises(ValueError, match="marlin"):
         check_experiment(cfg)
+
+
+def test_int4_vs_fp16_covers_every_family_each_shape_once():
+    cfg = _compose([])
+    assert cfg.experiment.name == "int4_vs_fp16" and cfg.shapes.name == "all"
+    shapes = experiment_shapes(cfg)
+    assert len(shapes) == len(set(shapes))
+    for family in ("llama2_7b", "llama3_8b", "llama3_70b", "mistral_7b"):
+        assert set(experiment_shapes(_compose([f"shapes={family}"]))) <= set(shapes), family
+    # one family on the command line replaces the experiment's default
+    assert _compose(["shapes=llama3_8b"]).shapes.name == "llama3_8b"
