@@ -234,11 +234,23 @@ def test_decode_gqa_and_head_dims(Hkv, D, dtype):
 
 
 def test_decode_combine_in_tiles():
-    """70 splits: the combine reduces them 64 at a time with a running max. The keys of the
-    last splits are scaled up so that the second group raises the max."""
-    q, k, v, lens = make_cache(2, 2, 1, 70 * 16, 32, torch.float16, [70 * 16, 300])
+    """70 splits of 8 heads of 128: the combine reduces them a few at a time (a register
+    budget of [heads, splits, D]) with a running max. The keys of the last splits are scaled
+    up so that a later group raises the max."""
+    q, k, v, lens = make_cache(2, 8, 1, 70 * 16, 128, torch.float16, [70 * 16, 300])
     k[:, :, 64 * 16:] *= 3
     check_decode(q, k, v, lens, num_splits=70)
+
+
+def test_decode_ticket_counters_are_zero_at_rest():
+    """The last split of each (sequence, kv head) resets its counter, also when short
+    sequences leave most splits without keys (they take no ticket)."""
+    from tiny_gemm import w4a16
+    q, k, v, lens = make_cache(4, 4, 2, 100, 32, torch.float16, [1, 100, 37, 16])
+    for splits in (3, 7, 64):
+        check_decode(q, k, v, lens, num_splits=splits)
+    locks = w4a16._LOCKS.get(q.device)
+    assert locks is None or int(locks.abs().sum()) == 0
 
 
 def test_decode_large_group():
@@ -286,10 +298,12 @@ def test_decode_empty_batch():
 
 
 @pytest.mark.parametrize("bkv, s_max, sms, expected", [
-    (128, 8192, 132, 4),      # B = 16, Hkv = 8: four 2048-key splits, 512 programs
-    (8, 8192, 132, 32),       # B = 1: capped by the 256-key minimum split
-    (1024, 8192, 132, 1),     # enough programs already
-    (8, 100, 132, 1),         # a short cache is one split
+    (128, 8192, 132, 1),      # B = 16, Hkv = 8: 128 programs fill the GPU already
+    (32, 8192, 132, 4),       # B = 4: 128 programs
+    (8, 8192, 132, 16),       # B = 1
+    (8, 512, 132, 8),         # B = 1, a short cache: capped by the 64-key minimum split
+    (1024, 8192, 132, 1),     # more programs than SMs
+    (8, 50, 132, 1),          # a cache shorter than one split
 ])
 def test_decode_num_splits_heuristic(bkv, s_max, sms, expected):
     assert decode_num_splits(bkv, s_max, sms) == expected

@@ -53,16 +53,18 @@ import triton.language as tl
 
 from ._checks import check_out as _check_out, interpreting as _interpreting, use_triton as _use_triton
 from .quant import _require
+from .w4a16 import _fence_gpu, _tile_locks
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
-# Flash-Decoding splits hold at least this many keys: below that the combine and the
-# per-program set-up cost more than the parallelism gains.
-MIN_KEYS_PER_SPLIT = 256
+# Flash-Decoding splits hold at least this many keys (one block of the split kernel).
+MIN_KEYS_PER_SPLIT = 64
 # Tests set this: the decode workspace is then NaN-filled before each launch, so a combine
 # that read a split nobody wrote would show in the output.
 POISON_WORKSPACE = False
+# A/B switch while measuring: the last split combines (True) or a second kernel does (False)
+COMBINE_IN_KERNEL = True
 
 
 # ------------------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ def _dropout_mask_kernel(mask_ptr, Nq, Nk, seed, keep_threshold,
 @triton.jit
 def _decode_split_kernel(
         # pointers; the workspace holds [B, H, num_splits, HEAD_DIM] outputs and [B, H, num_splits] lse
-        q_ptr, k_ptr, v_ptr, seqlens_ptr, part_out_ptr, part_lse_ptr, out_ptr,
+        q_ptr, k_ptr, v_ptr, seqlens_ptr, part_out_ptr, part_lse_ptr, out_ptr, lock_ptr,
         # sizes; kv head hk serves query heads hk * kv_group .. hk * kv_group + kv_group - 1
         H, Hkv, kv_group, S_max, num_splits, chunk,
         # strides, in elements
@@ -209,10 +211,12 @@ def _decode_split_kernel(
         qk_scale,
         # meta-parameters
         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        DIRECT: tl.constexpr, INTERPRET: tl.constexpr):
+        DIRECT: tl.constexpr, COMBINE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+        NUM_THREADS: tl.constexpr, INTERPRET: tl.constexpr):
     """Split `split` of kv head hk of sequence b: its partial output and log-sum-exp to the
     workspace, or, with DIRECT (one split), the normalized output straight to out (no
-    combine launch)."""
+    combine launch). With COMBINE the last split of (b, hk) to finish combines them all
+    (_combine_splits) instead of a second kernel."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -258,6 +262,50 @@ def _decode_split_kernel(
         tl.store(part_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
                  mask=row_ok[:, None])
         tl.store(part_lse_ptr + slot, m_i + tl.math.log2(l_i), mask=row_ok)
+        if COMBINE:
+            # the splits that hold keys take a ticket each; the last one combines
+            n_valid = tl.cdiv(seqlen, chunk)
+            _fence_gpu(NUM_THREADS, INTERPRET)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+            if ticket == n_valid - 1:
+                _fence_gpu(NUM_THREADS, INTERPRET)
+                _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, b64, hk * kv_group, kv_group, H,
+                                num_splits, n_valid, stride_ob, stride_oh, stride_od,
+                                HEAD_DIM, BLOCK_G, BLOCK_S)
+                tl.store(lock_ptr + pid, 0)
+
+
+@triton.jit
+def _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, b64, h0, n_heads, H, num_splits, n_valid,
+                    stride_ob, stride_oh, stride_od,
+                    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out[b, h0 .. h0 + n_heads) = sum over the n_valid splits of 2^lse_s o_s / sum 2^lse_s,
+    BLOCK_S splits of BLOCK_G heads at a time, with a running max."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_ok = offs_g < n_heads
+    base = (b64 * H + h0 + offs_g) * num_splits                              # [G]
+    m = tl.full((BLOCK_G,), -1.0e30, tl.float32)
+    l = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, HEAD_DIM), tl.float32)
+    for s0 in range(0, n_valid, BLOCK_S):
+        s = s0 + offs_s
+        ok = g_ok[:, None] & (s[None, :] < n_valid)                          # [G, S]
+        slot = base[:, None] + s[None, :]
+        lse = tl.load(part_lse_ptr + slot, mask=ok, other=-1.0e30, cache_modifier=".cg")
+        o = tl.load(part_out_ptr + slot[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                    mask=ok[:, :, None], other=0.0, cache_modifier=".cg")     # [G, S, D]
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        alpha = tl.math.exp2(m - m_new)
+        w = tl.where(ok, tl.math.exp2(lse - m_new[:, None]), 0.0)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+        l = l * alpha + tl.sum(w, 1)
+        m = m_new
+    l = tl.where(g_ok, l, 1.0)
+    tl.store(out_ptr + b64 * stride_ob + (h0 + offs_g)[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
 
 
 @triton.jit
@@ -443,11 +491,14 @@ def _prefill_config(Nq: int, D: int, device: torch.device) -> tuple[int, int, in
     return block_m, 64, 8 if D == 128 and block_m == 128 else 4, 3
 
 
-def _decode_config(device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the split kernel; GPU values to be tuned."""
+def _decode_config(device: torch.device, splits: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the split kernel. On an H200 (H 32, Hkv 8, D 128,
+    B 1..16, context 512..8192; results/nvidia_h200/scratch/decode_sweep.txt) 64-key blocks
+    and 4 warps were best or within 2% everywhere; a fourth stage helped the one-split launch
+    (long runs per program: 121.8 against 125.5 us at B 16, context 8192) and not the others."""
     if device.type != "cuda":
         return 16, 4, 1
-    return 64, 4, 3
+    return 64, 4, 4 if splits == 1 else 3
 
 
 @lru_cache(maxsize=None)
@@ -458,9 +509,12 @@ def _sm_count(device: torch.device) -> int:
 
 
 def decode_num_splits(batch_kv_heads: int, max_seqlen: int, sm_count: int) -> int:
-    """Flash-Decoding split count: enough programs for about three per SM (B * Hkv alone
-    rarely fills a GPU at decode batch sizes), but no split shorter than MIN_KEYS_PER_SPLIT."""
-    want = triton.cdiv(3 * sm_count, max(batch_kv_heads, 1))
+    """Flash-Decoding split count: about one program per SM in all (B * Hkv alone rarely
+    fills a GPU at decode batch sizes), but no split shorter than MIN_KEYS_PER_SPLIT. On an
+    H200 one wave beat three (the earlier rule) at every point of the decode grid, by up to
+    1.24x at B 16 (one split, no combine), and B 1 at context 512 ran fastest with 8 to 16
+    splits of 32 to 64 keys (results/nvidia_h200/scratch/decode_sweep.txt)."""
+    want = max(1, sm_count // max(batch_kv_heads, 1))
     return max(1, min(want, triton.cdiv(max_seqlen, MIN_KEYS_PER_SPLIT)))
 
 
@@ -592,8 +646,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.copy_(decode_attention_reference(q, k_cache, v_cache, cache_seqlens, sm_scale, torch.float32))
         return out
 
-    block_n, num_warps, num_stages = _decode_config(q.device)
     splits = num_splits or decode_num_splits(B * Hkv, S_max, _sm_count(q.device))
+    block_n, num_warps, num_stages = _decode_config(q.device, splits)
     chunk = triton.cdiv(triton.cdiv(S_max, splits), block_n) * block_n
     splits = triton.cdiv(S_max, chunk)        # after rounding to whole blocks, none is empty at S_max
     direct = splits == 1       # one split per head: the split kernel writes out itself
@@ -603,14 +657,18 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_out.fill_(float("nan"))
         part_lse.fill_(float("nan"))
     kv_group = H // Hkv
+    combine = COMBINE_IN_KERNEL and not direct
+    locks = _tile_locks(q.device, B * Hkv) if combine else part_lse
     _decode_split_kernel[(B * Hkv, splits)](
-        q, k_cache, v_cache, cache_seqlens, part_out, part_lse, out,
+        q, k_cache, v_cache, cache_seqlens, part_out, part_lse, out, locks,
         H, Hkv, kv_group, S_max, splits, chunk,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_H=max(16, triton.next_power_of_2(kv_group)), BLOCK_N=block_n,
-        DIRECT=direct, INTERPRET=_interpreting(), num_warps=num_warps, num_stages=num_stages)
-    if direct:
+        DIRECT=direct, COMBINE=combine, BLOCK_G=triton.next_power_of_2(kv_group),
+        BLOCK_S=min(triton.next_power_of_2(splits), max(1, 8192 // (triton.next_power_of_2(kv_group) * D))),
+        NUM_THREADS=num_warps * 32, INTERPRET=_interpreting(), num_warps=num_warps, num_stages=num_stages)
+    if direct or combine:
         return out
     _decode_combine_kernel[(B * H,)](
         part_out, part_lse, cache_seqlens, out, H, S_max, splits, chunk, *out.stride(),

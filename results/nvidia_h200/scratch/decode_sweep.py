@@ -34,7 +34,7 @@ for B in (1, 4, 16):
         res = []
         heur = A.decode_num_splits(B * 8, ctx, 132)
         for cfg in CONFIGS:
-            A._decode_config = lambda dev, cfg=cfg: cfg
+            A._decode_config = lambda dev, *_, cfg=cfg: cfg
             for s in SPLITS:
                 if s > max(1, ctx // cfg[0]):
                     continue
