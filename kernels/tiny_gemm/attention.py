@@ -18,14 +18,17 @@ head h // (H // Hkv). Head dims 32, 64 and 128, fp16 and bf16, fp32 accumulation
     diagonal altogether.
 
 ``decode_attention`` (one new token per sequence against a ragged KV cache)
-    Kernel 1, grid (B * Hkv, num_splits): a program takes all H // Hkv query heads that share
-    one kv head (padded to at least 16 rows so that tl.dot runs on tensor cores) over one
-    chunk of the cache, so each K/V byte is read once per kv head, not once per query head. It
-    writes the normalized partial output (fp32) and its log-sum-exp (fp32, base 2) to a
-    workspace. Kernel 2, grid (B * H), combines the splits: out = sum_s 2^(lse_s - max) o_s /
-    sum_s 2^(lse_s - max). Splits that start at or after a sequence's length write nothing and
-    the combine reads only the cdiv(len, chunk) splits that hold keys, so empty splits cannot
-    leak NaN (the tests fill the workspace with NaN to check).
+    One kernel, grid (B * Hkv, num_splits): a program takes all H // Hkv query heads that
+    share one kv head (padded to at least 16 rows so that tl.dot runs on tensor cores) over
+    one chunk of the cache, so each K/V byte is read once per kv head, not once per query
+    head. With one split it writes the output. Otherwise it writes the normalized partial
+    output (fp32) and its log-sum-exp (fp32, base 2) to a workspace and takes a ticket from a
+    per-(sequence, kv head) counter (zero at rest, shared with w4a16's reduction); the split
+    that draws the last ticket combines: out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s -
+    max). Splits that start at or after a sequence's length write nothing and take no ticket,
+    and the combine reads only the cdiv(len, chunk) splits that hold keys, so empty splits
+    cannot leak NaN (the tests fill the workspace with NaN to check). As with w4a16, calls
+    that run concurrently on different streams of one device must not share the counters.
 
 Dropout (``fused_attention``, dropout_p > 0), as in FlashAttention: the normalizer uses the
 softmax before dropout, kept probabilities are scaled by 1 / (1 - p) (folded into the final
@@ -63,8 +66,6 @@ MIN_KEYS_PER_SPLIT = 64
 # Tests set this: the decode workspace is then NaN-filled before each launch, so a combine
 # that read a split nobody wrote would show in the output.
 POISON_WORKSPACE = False
-# A/B switch while measuring: the last split combines (True) or a second kernel does (False)
-COMBINE_IN_KERNEL = True
 
 
 # ------------------------------------------------------------------------------------------
@@ -211,12 +212,13 @@ def _decode_split_kernel(
         qk_scale,
         # meta-parameters
         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        DIRECT: tl.constexpr, COMBINE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+        DIRECT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
         NUM_THREADS: tl.constexpr, INTERPRET: tl.constexpr):
-    """Split `split` of kv head hk of sequence b: its partial output and log-sum-exp to the
-    workspace, or, with DIRECT (one split), the normalized output straight to out (no
-    combine launch). With COMBINE the last split of (b, hk) to finish combines them all
-    (_combine_splits) instead of a second kernel."""
+    """Split `split` of kv head hk of sequence b. With DIRECT (one split) it writes the
+    normalized output to out. Otherwise it writes its partial output and log-sum-exp to the
+    workspace and takes a ticket; the last split of (b, hk) to arrive combines them all
+    (_combine_splits). A second, combine kernel cost 0.4-0.7 us more at B 1..4 on an H200
+    (results/nvidia_h200/scratch/decode_ab.txt): its launch is on the critical path."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
@@ -262,18 +264,18 @@ def _decode_split_kernel(
         tl.store(part_out_ptr + slot[:, None] * HEAD_DIM + offs_d[None, :], acc / l_i[:, None],
                  mask=row_ok[:, None])
         tl.store(part_lse_ptr + slot, m_i + tl.math.log2(l_i), mask=row_ok)
-        if COMBINE:
-            # the splits that hold keys take a ticket each; the last one combines
-            n_valid = tl.cdiv(seqlen, chunk)
+        # the splits that hold keys take a ticket each (the others returned above); the last
+        # one combines. Partials are visible GPU-wide before the ticket (w4a16's reduction).
+        n_valid = tl.cdiv(seqlen, chunk)
+        _fence_gpu(NUM_THREADS, INTERPRET)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
+        if ticket == n_valid - 1:
             _fence_gpu(NUM_THREADS, INTERPRET)
-            tl.debug_barrier()
-            ticket = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
-            if ticket == n_valid - 1:
-                _fence_gpu(NUM_THREADS, INTERPRET)
-                _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, b64, hk * kv_group, kv_group, H,
-                                num_splits, n_valid, stride_ob, stride_oh, stride_od,
-                                HEAD_DIM, BLOCK_G, BLOCK_S)
-                tl.store(lock_ptr + pid, 0)
+            _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, b64, hk * kv_group, kv_group, H,
+                            num_splits, n_valid, stride_ob, stride_oh, stride_od,
+                            HEAD_DIM, BLOCK_G, BLOCK_S)
+            tl.store(lock_ptr + pid, 0)
 
 
 @triton.jit
@@ -306,43 +308,6 @@ def _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, b64, h0, n_heads, H, nu
     l = tl.where(g_ok, l, 1.0)
     tl.store(out_ptr + b64 * stride_ob + (h0 + offs_g)[:, None] * stride_oh + offs_d[None, :] * stride_od,
              (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
-
-
-@triton.jit
-def _decode_combine_kernel(
-        # pointers
-        part_out_ptr, part_lse_ptr, seqlens_ptr, out_ptr,
-        # sizes
-        H, S_max, num_splits, chunk,
-        # strides of out, in elements
-        stride_ob, stride_oh, stride_od,
-        # meta-parameters
-        HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    """out[b, h] = sum over the splits that hold keys of 2^lse_s o_s / sum 2^lse_s, BLOCK_S
-    splits at a time with a running max (one iteration for the usual split counts)."""
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    n_valid = tl.cdiv(tl.minimum(tl.load(seqlens_ptr + b), S_max), chunk)   # >= 1 if len >= 1
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, HEAD_DIM)
-    base = pid.to(tl.int64) * num_splits
-    m = float("-inf")
-    l = 0.0
-    acc = tl.zeros((HEAD_DIM,), tl.float32)
-    for s0 in range(0, n_valid, BLOCK_S):
-        s = s0 + offs_s
-        lse = tl.load(part_lse_ptr + base + s, mask=s < n_valid, other=float("-inf"))
-        o = tl.load(part_out_ptr + (base + s[:, None]) * HEAD_DIM + offs_d[None, :],
-                    mask=s[:, None] < n_valid, other=0.0)
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        alpha = tl.math.exp2(m - m_new)
-        w = tl.math.exp2(lse - m_new)
-        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-        l = l * alpha + tl.sum(w, 0)
-        m = m_new
-    tl.store(out_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d * stride_od,
-             (acc / l).to(out_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------------------
@@ -657,22 +622,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part_out.fill_(float("nan"))
         part_lse.fill_(float("nan"))
     kv_group = H // Hkv
-    combine = COMBINE_IN_KERNEL and not direct
-    locks = _tile_locks(q.device, B * Hkv) if combine else part_lse
+    locks = part_lse if direct else _tile_locks(q.device, B * Hkv)   # zero at rest
     _decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, cache_seqlens, part_out, part_lse, out, locks,
         H, Hkv, kv_group, S_max, splits, chunk,
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_H=max(16, triton.next_power_of_2(kv_group)), BLOCK_N=block_n,
-        DIRECT=direct, COMBINE=combine, BLOCK_G=triton.next_power_of_2(kv_group),
+        DIRECT=direct, BLOCK_G=triton.next_power_of_2(kv_group),
         BLOCK_S=min(triton.next_power_of_2(splits), max(1, 8192 // (triton.next_power_of_2(kv_group) * D))),
         NUM_THREADS=num_warps * 32, INTERPRET=_interpreting(), num_warps=num_warps, num_stages=num_stages)
-    if direct or combine:
-        return out
-    _decode_combine_kernel[(B * H,)](
-        part_out, part_lse, cache_seqlens, out, H, S_max, splits, chunk, *out.stride(),
-        HEAD_DIM=D, BLOCK_S=min(triton.next_power_of_2(splits), 64), num_warps=4)
     return out
 
 
