@@ -29,7 +29,7 @@ from tiny_gemm.w4a16 import (CONFIG_DIR, DECOMPOSITIONS, W4A16Config, gpu_slug, 
 
 # bench_w4a16.py sits beside this file; share its helpers rather than copy them
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_w4a16 import GROUP_SIZE, MAX_REL_ERR, clone_int4, sweep_parser, worst_rel_err  # noqa: E402
+from bench_w4a16 import GROUP_SIZE, MAX_REL_ERR, clone_int4, parse_ints, sweep_parser, worst_rel_err  # noqa: E402
 
 DEFAULT_M = (1, 4, 16)   # select_config uses the smallest tuned M >= the call's M
 
@@ -37,6 +37,8 @@ DEFAULT_M = (1, 4, 16)   # select_config uses the smallest tuned M >= the call's
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = sweep_parser(__doc__, DEFAULT_M, 5, "timed graph replays per candidate")
     p.add_argument("--quick", action="store_true", help="a much smaller candidate space (smoke tests)")
+    p.add_argument("--stages", type=parse_ints, default=None,
+                   help="pipeline stages of the tensor-core candidates (default 3,4; 3 with --quick)")
     p.add_argument("--out", type=Path, default=None,
                    help="table to write (default kernels/tiny_gemm/configs/<gpu slug>.json)")
     return p.parse_args(argv)
@@ -55,7 +57,8 @@ def _programs(cfg: W4A16Config, tiles: int, k_iters: int, n_sm: int) -> int:
     return min(cfg.programs or n_sm, tiles * k_iters)
 
 
-def candidates(decomposition: str, M: int, N: int, K: int, n_sm: int, quick: bool = False) -> list[W4A16Config]:
+def candidates(decomposition: str, M: int, N: int, K: int, n_sm: int, quick: bool = False,
+               stages: tuple[int, ...] | None = None) -> list[W4A16Config]:
     """Candidate configs of one decomposition, pruned.
 
     Tensor-core tiles: block_m 16 (one row-tile for M <= 16), block_k 64 or 128, block_n
@@ -67,7 +70,7 @@ def candidates(decomposition: str, M: int, N: int, K: int, n_sm: int, quick: boo
     quarter of the SMs (the weights stream from too few SMs to reach bandwidth) unless
     nothing else is left, and variants that run the same launch as another (split_k past
     the K-iterations, programs past the work)."""
-    stages = (3,) if quick else (3, 4)
+    stages = tuple(stages) if stages else (3,) if quick else (3, 4)
     splits = (4, 8) if quick else (2, 4, 8, 16, 32)
     program_counts = (n_sm,) if quick else (n_sm, 2 * n_sm, 4 * n_sm, 8 * n_sm)
     # (block_m, block_n, block_k, num_warps)
@@ -122,7 +125,8 @@ def check_config(x: torch.Tensor, qw: Int4Weight, cfg: W4A16Config, ref: torch.T
     return worst_rel_err(partial(_poisoned_call, x, qw, cfg), ref)
 
 
-def tune_entry(x: torch.Tensor, qws: list[Int4Weight], n_sm: int, replays: int, quick: bool) -> dict:
+def tune_entry(x: torch.Tensor, qws: list[Int4Weight], n_sm: int, replays: int, quick: bool,
+               stages: tuple[int, ...] | None = None) -> dict:
     """The table entry of one (M, K, N): the best checked config of each decomposition."""
     M, K = x.shape
     N = qws[0].out_features
@@ -130,7 +134,7 @@ def tune_entry(x: torch.Tensor, qws: list[Int4Weight], n_sm: int, replays: int, 
     best, times = {}, {}
     for dec in DECOMPOSITIONS:
         timed = []
-        for cfg in candidates(dec, M, N, K, n_sm, quick):
+        for cfg in candidates(dec, M, N, K, n_sm, quick, stages):
             fns = [partial(w4a16_matmul, x, q, config=cfg) for q in qws]
             timed.append((timing.time_graph(fns, replays=replays, warmup=2, warmup_ms=5.0)["median_us"], cfg))
         for t, cfg in sorted(timed, key=lambda tc: tc[0]):
@@ -145,7 +149,8 @@ def tune_entry(x: torch.Tensor, qws: list[Int4Weight], n_sm: int, replays: int, 
             "best": best, "time_us": times}
 
 
-def tune_shape(K: int, N: int, Ms: tuple[int, ...], n_sm: int, replays: int, quick: bool) -> list[dict]:
+def tune_shape(K: int, N: int, Ms: tuple[int, ...], n_sm: int, replays: int, quick: bool,
+               stages: tuple[int, ...] | None = None) -> list[dict]:
     qw = quantize(torch.randn(N, K, device="cuda").half(), GROUP_SIZE)
     R = timing.rotations(qw.nbytes)
     qws = [qw] + [clone_int4(qw) for _ in range(R - 1)]
@@ -153,7 +158,7 @@ def tune_shape(K: int, N: int, Ms: tuple[int, ...], n_sm: int, replays: int, qui
     for M in Ms:
         t0 = time.perf_counter()
         x = torch.randn(M, K, device="cuda", dtype=torch.float16)
-        entries.append(tune_entry(x, qws, n_sm, replays, quick))
+        entries.append(tune_entry(x, qws, n_sm, replays, quick, stages))
         print(f"{format_entry(entries[-1])}   [{time.perf_counter() - t0:.0f} s]", flush=True)
     del qws
     torch.cuda.empty_cache()
@@ -197,13 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     entries = []
     out.parent.mkdir(parents=True, exist_ok=True)
+    earlier = None
+    if out.exists():
+        old = json.loads(out.read_text())
+        earlier = [old["provenance"]] + old.get("provenance_of_other_entries", [])
     for K, N in args.shapes:
-        entries += tune_shape(K, N, args.M, props.multi_processor_count, args.replays, args.quick)
+        entries += tune_shape(K, N, args.M, props.multi_processor_count, args.replays, args.quick, args.stages)
         # written after every shape, so an interrupted run keeps what it measured
         table = {"gpu": props.name,
-                 "provenance": timing.provenance(config={"replays": args.replays, "quick": args.quick,
+                 "provenance": timing.provenance(config={"replays": args.replays, "quick": args.quick, "stages": args.stages,
                                                          "M": list(args.M), "shapes": args.shapes}),
                  "entries": merge_entries(out, entries)}
+        if earlier and len(table["entries"]) > len(entries):
+            # entries kept from the table this run started from: their provenance stays with them
+            table["provenance_of_other_entries"] = earlier
         out.write_text(json.dumps(table, indent=1) + "\n")
     print(f"\nchosen configurations ({time.perf_counter() - t0:.0f} s):")
     for e in entries:
