@@ -32,6 +32,18 @@ def poisoned_workspace(monkeypatch):
     monkeypatch.setattr(tiny_gemm.w4a16, "POISON_WORKSPACE", True)
 
 
+def replay_after(fn, refill):
+    """Capture fn() in a CUDA graph, refill() its inputs in place, replay: the graph's output,
+    which must then hold fn of the new inputs. Compile fn outside the capture first."""
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    refill()
+    g.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 def poisoned(shape, dtype, device=DEVICE):
     """An output buffer full of NaN: an element the kernel fails to write stays NaN."""
     return torch.full(shape, float("nan"), dtype=dtype, device=device)

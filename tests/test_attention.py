@@ -16,7 +16,7 @@ from tiny_gemm.attention import (attention_dropout_mask, attention_reference, de
                                  decode_attention_reference, decode_num_splits, fused_attention,
                                  philox4x32)
 
-from conftest import DEVICE, INTERPRET, TOL, assert_close_to_ref, poisoned
+from conftest import DEVICE, INTERPRET, TOL, assert_close_to_ref, poisoned, replay_after
 
 DTYPES = [torch.float16, torch.bfloat16]
 
@@ -476,11 +476,10 @@ def test_gpu_decode_cuda_graph():
     """Captured once, replayed with new queries and lengths (no host check during capture)."""
     q, k, v, lens = make_cache(8, 32, 8, 4096, 128, torch.float16, [4096] * 8)
     decode_attention(q, k, v, lens)                      # compile outside the capture
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = decode_attention(q, k, v, lens)
-    q.copy_(torch.randn_like(q))
-    lens.copy_(torch.tensor([1, 4096, 100, 2000, 3, 4095, 17, 256], dtype=torch.int32))
-    g.replay()
-    torch.cuda.synchronize()
+
+    def refill():
+        q.copy_(torch.randn_like(q))
+        lens.copy_(torch.tensor([1, 4096, 100, 2000, 3, 4095, 17, 256], dtype=torch.int32))
+
+    out = replay_after(lambda: decode_attention(q, k, v, lens), refill)
     assert_close_to_ref(out, decode_attention_reference(q, k, v, lens), q.dtype)

@@ -22,7 +22,7 @@ from tiny_gemm import quantize
 from tiny_gemm.ffn import (ACTIVATIONS, ffn_reference, fused_ffn, fused_gated_ffn,
                            gated_ffn_reference)
 
-from conftest import DEVICE, INTERPRET, TOL, assert_close_to_ref, poisoned
+from conftest import DEVICE, INTERPRET, TOL, assert_close_to_ref, poisoned, replay_after
 
 DTYPES = [torch.float16, torch.bfloat16]
 FUSIONS = ["none", "epilogue", "full"]
@@ -275,10 +275,5 @@ def test_compiled_op_captures_in_cuda_graph():
     f = torch.compile(lambda x: torch.ops.tiny_gemm.fused_gated_ffn(x, w_gate, w_up, w_down, "silu"),
                       fullgraph=True)
     f(x)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = f(x)
-    x.copy_(torch.randn_like(x))
-    g.replay()
-    torch.cuda.synchronize()
+    out = replay_after(lambda: f(x), lambda: x.copy_(torch.randn_like(x)))
     check(out, gated_ffn_reference(x, w_gate, w_up, w_down), x.dtype)

@@ -6,7 +6,7 @@ import torch
 import tiny_gemm  # noqa: F401  (registers the ops)
 from tiny_gemm import quantize, w4a16_reference
 
-from conftest import DEVICE, assert_close_to_ref
+from conftest import DEVICE, assert_close_to_ref, replay_after
 
 
 def _inputs(M=3, N=64, K=256, G=64, dtype=torch.float16):
@@ -50,10 +50,5 @@ def test_compiled_call_captures_in_cuda_graph():
     x, qw = _inputs(M=4, N=4096, K=4096, G=128)
     f = torch.compile(lambda x: torch.ops.tiny_gemm.w4a16_mm(*_args(x, qw)), fullgraph=True)
     f(x)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = f(x)
-    x.copy_(torch.randn_like(x))
-    g.replay()
-    torch.cuda.synchronize()
+    out = replay_after(lambda: f(x), lambda: x.copy_(torch.randn_like(x)))
     assert_close_to_ref(out, w4a16_reference(x, qw), x.dtype)

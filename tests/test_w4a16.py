@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tiny_gemm import Int4Weight, W4A16Config, quantize, select_config, w4a16_matmul, w4a16_reference
 
-from conftest import DEVICE, INTERPRET, assert_close_to_ref, poisoned
+from conftest import DEVICE, INTERPRET, assert_close_to_ref, poisoned, replay_after
 
 DTYPES = [torch.float16, torch.bfloat16]
 DECOMPS = ["dp", "splitk", "streamk"]
@@ -247,10 +247,6 @@ def test_cuda_graph_capture_and_replay():
     outs = {}
     for d in DECOMPS:
         w4a16_matmul(x, qw, decomposition=d)           # compile and size the scratch outside capture
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            outs[d] = w4a16_matmul(x, qw, decomposition=d)
-        x.copy_(torch.randn_like(x))
-        g.replay()
-        torch.cuda.synchronize()
+        outs[d] = replay_after(lambda: w4a16_matmul(x, qw, decomposition=d),
+                               lambda: x.copy_(torch.randn_like(x)))
         assert_close_to_ref(outs[d], w4a16_reference(x, qw), x.dtype)
