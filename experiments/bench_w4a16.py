@@ -76,13 +76,14 @@ def shapes_arg(shapes: tuple[tuple[int, int], ...]) -> str:
     return ";".join(f"{k},{n}" for k, n in shapes)
 
 
-def sweep_parser(doc: str, default_M: tuple[int, ...], replays: int, replays_help: str) -> argparse.ArgumentParser:
+def sweep_parser(doc: str, default_M: tuple[int, ...], replays: int, replays_help: str,
+                 default_shapes: tuple[tuple[int, int], ...] = DEFAULT_SHAPES) -> argparse.ArgumentParser:
     """The arguments a sweep over batch sizes and shapes takes (bench and tune)."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--M", type=parse_ints, default=default_M,
                    help=f"batch rows (default '{','.join(map(str, default_M))}')")
-    p.add_argument("--shapes", type=parse_shapes, default=DEFAULT_SHAPES,
-                   help=f"'K,N;K,N' (default '{shapes_arg(DEFAULT_SHAPES)}')")
+    p.add_argument("--shapes", type=parse_shapes, default=default_shapes,
+                   help=f"'K,N;K,N' (default '{shapes_arg(default_shapes)}')")
     p.add_argument("--replays", type=int, default=replays, help=replays_help)
     p.add_argument("--seed", type=int, default=0)
     return p

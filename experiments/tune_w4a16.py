@@ -3,11 +3,15 @@ tiny_gemm.w4a16.select_config reads: kernels/tiny_gemm/configs/<gpu slug>.json.
 
     PYTHONPATH=kernels python experiments/tune_w4a16.py [--M 1,4,16] [--shapes "K,N;K,N"] [--quick] [--out PATH]
 
+By default every shape of every family in conf/shapes/ (a shape added there is tuned by the
+next make tune).
+
 For each shape and M, every candidate W4A16Config of each decomposition (dp, splitk, streamk)
 is timed by the method of bench_w4a16.py (rotated weight copies past 3x L2, one CUDA graph),
 with fewer replays. The fastest candidate that passes the float64 check is kept per
-decomposition, and the fastest decomposition becomes the entry's "auto". Entries already in
-the output file for shapes that are not re-tuned are kept.
+decomposition, and the fastest decomposition becomes the entry's "auto". The heuristic fallback (what an untuned shape
+gets) is timed beside it and recorded as the entry's "fallback". Entries already in the
+output file for shapes that are not re-tuned are kept.
 """
 from __future__ import annotations
 
@@ -24,18 +28,29 @@ import triton
 
 from tiny_gemm import timing
 from tiny_gemm.quant import Int4Weight, quantize
-from tiny_gemm.w4a16 import (CONFIG_DIR, DECOMPOSITIONS, W4A16Config, gpu_slug, w4a16_matmul,
-                             w4a16_reference)
+from tiny_gemm.w4a16 import (CONFIG_DIR, DECOMPOSITIONS, W4A16Config, gpu_slug, heuristic_config,
+                             w4a16_matmul, w4a16_reference)
 
 # bench_w4a16.py sits beside this file; share its helpers rather than copy them
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_w4a16 import GROUP_SIZE, MAX_REL_ERR, clone_int4, parse_ints, sweep_parser, worst_rel_err  # noqa: E402
 
 DEFAULT_M = (1, 4, 16)   # select_config uses the smallest tuned M >= the call's M
+SHAPES_DIR = Path(__file__).resolve().parents[1] / "conf" / "shapes"
+
+
+def config_shapes(shapes_dir: Path = SHAPES_DIR) -> tuple[tuple[int, int], ...]:
+    """(K, N) of every layer of every family in conf/shapes/, each once: what the experiments
+    measure, and so what make tune covers unless --shapes says otherwise."""
+    import yaml
+    shapes = [(int(layer["K"]), int(layer["N"]))
+              for path in sorted(shapes_dir.glob("*.yaml"))
+              for layer in (yaml.safe_load(path.read_text()) or {}).get("layers") or []]
+    return tuple(dict.fromkeys(shapes))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = sweep_parser(__doc__, DEFAULT_M, 5, "timed graph replays per candidate")
+    p = sweep_parser(__doc__, DEFAULT_M, 5, "timed graph replays per candidate", config_shapes())
     p.add_argument("--quick", action="store_true", help="a much smaller candidate space (smoke tests)")
     p.add_argument("--stages", type=parse_ints, default=None,
                    help="pipeline stages of the tensor-core candidates (default 3,4; 3 with --quick)")
@@ -145,8 +160,15 @@ def tune_entry(x: torch.Tensor, qws: list[Int4Weight], n_sm: int, replays: int, 
             print(f"  M={M} K={K} N={N} {cfg}: rel_err {err:.3g}, skipped", file=sys.stderr)
     if not times:
         raise RuntimeError(f"no candidate passed the check for M={M} K={K} N={N}")
+    # what a shape missing from the table gets: timed the same way, so the table records the
+    # fallback's distance from the tuned entry (select_config reads only "auto" and "best")
+    fb = heuristic_config(M, N, K, GROUP_SIZE, n_sm)
+    fns = [partial(w4a16_matmul, x, q, config=fb) for q in qws]
+    fallback = {"config": fb.to_dict(),
+                "time_us": timing.time_graph(fns, replays=replays, warmup=2, warmup_ms=5.0)["median_us"],
+                "rel_err": check_config(x, qws[0], fb, ref)}
     return {"M": M, "K": K, "N": N, "group_size": GROUP_SIZE, "auto": min(times, key=times.get),
-            "best": best, "time_us": times}
+            "best": best, "time_us": times, "fallback": fallback}
 
 
 def tune_shape(K: int, N: int, Ms: tuple[int, ...], n_sm: int, replays: int, quick: bool,
@@ -180,6 +202,10 @@ def _short(cfg: dict) -> str:
 def format_entry(e: dict) -> str:
     parts = [f"{dec} {e['time_us'][dec]:7.2f} us ({_short(e['best'][dec])})"
              for dec in DECOMPOSITIONS if dec in e["best"]]
+    if "fallback" in e:
+        fb = e["fallback"]
+        parts.append(f"fallback {fb['time_us']:7.2f} us ({_short(fb['config'])}, "
+                     f"{fb['time_us'] / e['time_us'][e['auto']]:.2f}x auto)")
     return f"M={e['M']:<3} K={e['K']:<6} N={e['N']:<6} auto={e['auto']:<8} " + " | ".join(parts)
 
 

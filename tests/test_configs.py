@@ -58,3 +58,10 @@ def test_int4_vs_fp16_covers_every_family_each_shape_once():
         assert set(experiment_shapes(_compose([f"shapes={family}"]))) <= set(shapes), family
     # one family on the command line replaces the experiment's default
     assert _compose(["shapes=llama3_8b"]).shapes.name == "llama3_8b"
+
+
+def test_make_tune_covers_every_shape_the_experiments_measure():
+    from tune_w4a16 import config_shapes
+    tuned = set(config_shapes())
+    for shapes in SHAPES:
+        assert set(experiment_shapes(_compose([f"shapes={shapes}"]))) <= tuned, shapes

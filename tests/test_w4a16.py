@@ -93,6 +93,24 @@ def test_default_configs(decomposition, dtype):
     run_checked(x, qw, decomposition=decomposition)
 
 
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("K,N,G", [(4096, 4096, 128), (14336, 4096, 128), (8192, 28672, 128),
+                                   (4096, 1000, 32), (384, 96, 128), (11008, 4096, 64)])
+@pytest.mark.parametrize("sms", [4, 108, 132])
+def test_heuristic_fallback_launch(M, K, N, G, sms):
+    """The fallback of an untuned decode shape: SplitK within about four programs per SM,
+    every split at least two K-steps, one split (dp) only when no split fits."""
+    from tiny_gemm.w4a16 import heuristic_config
+    cfg = heuristic_config(M, N, K, G, sms)
+    tiles = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+    k_iters = -(-K // min(cfg.block_k, G))
+    assert cfg.block_m == (1 if M == 1 and K * N <= 4096 * 4096 else 16)
+    if cfg.decomposition == "splitk":
+        assert 2 <= cfg.split_k <= 16 and tiles * cfg.split_k <= 4 * sms and k_iters // cfg.split_k >= 2
+    else:
+        assert cfg.decomposition == "dp" and (2 * tiles > 4 * sms or k_iters < 4)
+
+
 def test_split_k_argument_and_leading_dims():
     x, qw = make(3, 96, 256, 64, torch.float16, lead=(2,))
     out = run_checked(x, qw, split_k=2)

@@ -437,19 +437,28 @@ def load_config_table(gpu_name: str) -> dict:
 
 
 def heuristic_config(M: int, N: int, K: int, group_size: int, sm_count: int) -> W4A16Config:
-    """Fallback when no tuned entry exists: about eight programs per SM for decode shapes."""
+    """Fallback when the table of this GPU has no entry for the shape.
+
+    For decode (M <= 16) it follows the pattern of the tuned H100 and H200 tables: 16-row
+    tensor-core tiles (1-row FMA tiles at M = 1 on weights of at most 4096 x 4096), block_n
+    growing with N, and SplitK with the largest power-of-two split (at most 16) that keeps
+    the launch within about four programs per SM and every split at least two K-steps long.
+    tune_w4a16.py times this fallback beside each tuned entry ("fallback" in the table)."""
     if M > 16:
         bm = 64 if M <= 64 else 128
         return W4A16Config("dp", block_m=bm, block_n=128, block_k=64, num_warps=8 if bm == 128 else 4)
-    bm = 1 if M == 1 else 16
-    bn = 64 if N >= 2048 else 32
+    bm = 1 if M == 1 and K * N <= 4096 * 4096 else 16
+    bn = 32 if N <= 1024 and bm == 16 else 64 if N <= 4096 else 128
     bk = 128
-    tiles = triton.cdiv(N, bn) * triton.cdiv(M, bm)
-    k_iters = triton.cdiv(K, min(bk, group_size) if group_size < K else bk)
-    split = max(1, min(16, k_iters, (8 * sm_count) // tiles))
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    k_iters = triton.cdiv(K, min(bk, group_size))
+    split = 1
+    while split < 16 and tiles * split * 2 <= 4 * sm_count and k_iters // (split * 2) >= 2:
+        split *= 2
+    warps = 4 if bm == 1 else 2
     if split == 1:
-        return W4A16Config("dp", block_m=bm, block_n=bn, block_k=bk)
-    return W4A16Config("splitk", block_m=bm, block_n=bn, block_k=bk, split_k=split)
+        return W4A16Config("dp", block_m=bm, block_n=bn, block_k=bk, num_warps=warps)
+    return W4A16Config("splitk", block_m=bm, block_n=bn, block_k=bk, split_k=split, num_warps=warps)
 
 
 def select_config(M: int, N: int, K: int, group_size: int, device: torch.device,
