@@ -9,9 +9,9 @@ next make tune).
 For each shape and M, every candidate W4A16Config of each decomposition (dp, splitk, streamk)
 is timed by the method of bench_w4a16.py (rotated weight copies past 3x L2, one CUDA graph),
 with fewer replays. The fastest candidate that passes the float64 check is kept per
-decomposition, and the fastest decomposition becomes the entry's "auto". The heuristic fallback (what an untuned shape
-gets) is timed beside it and recorded as the entry's "fallback". Entries already in the
-output file for shapes that are not re-tuned are kept.
+decomposition, and the fastest decomposition becomes the entry's "auto". The heuristic
+fallback (what an untuned shape gets) is timed beside it and recorded as the entry's
+"fallback". Entries already in the output file for shapes that are not re-tuned are kept.
 """
 from __future__ import annotations
 
