@@ -18,7 +18,7 @@ from unittest.mock import patch
 import pytest
 import torch
 
-from tiny_gemm import quantize
+from tiny_gemm import Int4Weight, quantize
 from tiny_gemm.ffn import (ACTIVATIONS, ffn_reference, fused_ffn, fused_gated_ffn,
                            gated_ffn_reference)
 
@@ -163,6 +163,32 @@ def test_int4_gated_ffn(dtype, mixed, M):
               fusion="none")
 
 
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int4_gated_ffn_joined_gate_up(dtype, M, activation):
+    """Gate and up as the parts of one weight: one GEMM of N = 2F reads both (F = 160, no
+    multiple of the tile width); fusion="none" keeps two GEMMs, with the same result."""
+    from tiny_gemm import ffn
+    x, w_gate, w_up, w_down = make_gated(M, 96, 160, dtype, seed=20 + M)
+    gate, up = Int4Weight.cat([int4(w_gate), int4(w_up)]).split([160, 160])
+    down = int4(w_down)
+    launched, real = [], ffn.w4a16_matmul
+
+    def spy(a, w, *args, **kw):
+        launched.append(w.out_features)
+        return real(a, w, *args, **kw)
+    triton_path = ffn._use_triton("auto", x.device)
+    with patch.object(ffn, "w4a16_matmul", spy):
+        joined = run_gated(x, gate, up, down, activation, tol=INT4_TOL)
+        assert launched == ([320, 96] if triton_path else [])
+        launched.clear()
+        apart = run_gated(x, gate, up, down, activation, tol=INT4_TOL, fusion="none")
+        assert launched == ([160, 160, 96] if triton_path else [])
+    # the same GEMMs over the same codes: the two paths agree to rounding of h
+    check(joined, apart.double(), dtype, INT4_TOL)
+
+
 # --- bad input ------------------------------------------------------------------------------
 BAD_FFN = [   # (argument, its replacement from the good arguments, exception, message)
     ("activation", lambda a: "swish", ValueError, "activation must be one of"),
@@ -259,6 +285,15 @@ def test_llama3_8b(M, fusion, dtype):
 def test_llama3_8b_int4(M):
     x, w_gate, w_up, w_down = make_gated(M, *LLAMA3_8B, torch.float16, seed=M)
     run_gated(x, *(quantize(w.t(), group_size=128) for w in (w_gate, w_up, w_down)), tol=INT4_TOL)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16])
+def test_llama3_8b_int4_joined_gate_up(M):
+    x, w_gate, w_up, w_down = make_gated(M, *LLAMA3_8B, torch.float16, seed=M)
+    F = LLAMA3_8B[1]
+    gate, up = Int4Weight.cat([quantize(w.t(), group_size=128) for w in (w_gate, w_up)]).split([F, F])
+    run_gated(x, gate, up, quantize(w_down.t(), group_size=128), tol=INT4_TOL)
 
 
 @pytest.mark.gpu

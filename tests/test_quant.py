@@ -150,3 +150,36 @@ def test_bad_input(call, exc, match):
 def test_public_api():
     for name in ("quantize", "dequantize", "Int4Weight", "w4a16_matmul", "quantization_error"):
         assert hasattr(tiny_gemm, name)
+
+
+def test_cat_and_split_rows():
+    """cat joins row blocks (a copy); split gives them back, codes as views of the whole,
+    and joined_rows finds the whole again only from all of its parts in order."""
+    from tiny_gemm.quant import joined_rows
+    g = torch.Generator().manual_seed(3)
+    a = quantize(torch.randn(10, 256, generator=g), 64)
+    b = quantize(torch.randn(7, 256, generator=g), 64)
+    whole = Int4Weight.cat([a, b])
+    assert whole.shape == (17, 256)
+    assert torch.equal(dequantize(whole), torch.cat([dequantize(a), dequantize(b)]))
+    pa, pb = whole.split([10, 7])
+    assert torch.equal(dequantize(pa), dequantize(a)) and torch.equal(dequantize(pb), dequantize(b))
+    assert pa.packed.data_ptr() == whole.packed.data_ptr()
+    assert joined_rows(pa, pb) is whole
+    assert joined_rows(pb, pa) is None and joined_rows(a, b) is None and joined_rows(pa) is None
+    p1, p2, p3 = whole.split([5, 5, 7])
+    assert joined_rows(p1, p2, p3) is whole and joined_rows(p1, p3) is None
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (lambda a, b: Int4Weight.cat([]), TypeError, "non-empty list"),
+    (lambda a, b: Int4Weight.cat([a, quantize(torch.randn(4, 128), 64)]), ValueError, r"weights\[1\] has K 128"),
+    (lambda a, b: Int4Weight.cat([a, quantize(torch.randn(4, 256), 128)]), ValueError, "group_size"),
+    (lambda a, b: Int4Weight.cat([a, quantize(torch.randn(4, 256).half(), 64)]), TypeError, "scales/zeros"),
+    (lambda a, b: a.split([3, 3]), ValueError, "summing to N = 10"),
+    (lambda a, b: a.split([10, 0]), ValueError, "positive ints"),
+])
+def test_cat_and_split_bad_input(bad, exc, match):
+    a = quantize(torch.randn(10, 256), 64)
+    with pytest.raises(exc, match=match):
+        bad(a, None)

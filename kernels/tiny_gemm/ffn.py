@@ -37,9 +37,10 @@ selected by ``fusion``:
 In every variant h is rounded to the activation dtype before the second GEMM (the dtype the
 tensor cores take); "none" also rounds x @ w1 (and x @ w_up) before the activation.
 
-Any weight may be an ``Int4Weight``, dense ones mixed in. Such calls take ``_ffn_int4``, for
-now the three-step pipeline with ``w4a16_matmul`` for the INT4 GEMMs. It is one function so
-that a fused INT4 gate + up kernel in w4a16.py can replace it without touching the dense path.
+Any weight may be an ``Int4Weight``, dense ones mixed in. Such calls take ``_ffn_int4``, the
+three-step pipeline with ``w4a16_matmul`` for the INT4 GEMMs. Gate and up given as the two
+parts of one weight (``Int4Weight.cat([w_gate, w_up]).split([F, F])``, done once at load
+time) are read by one GEMM of N = 2F, the activation reading its two halves.
 
 The ops ``torch.ops.tiny_gemm.fused_ffn`` and ``torch.ops.tiny_gemm.fused_gated_ffn`` (dense
 weights, fusion "auto") are registered on import, for torch.compile and CUDA graphs.
@@ -54,7 +55,7 @@ import triton.language as tl
 
 from . import w4a16 as _w4a16
 from ._checks import BACKENDS, check_out as _check_out, interpreting as _interpreting, use_triton as _use_triton
-from .quant import Int4Weight, _require, dequantize_float
+from .quant import Int4Weight, _require, dequantize_float, joined_rows
 from .w4a16 import _reduce_partial, _tile_locks, w4a16_matmul
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
@@ -223,19 +224,21 @@ def _ffn_full_kernel(
 
 
 @triton.jit
-def _act_kernel(g_ptr, u_ptr, b_ptr, h_ptr, numel, F,
+def _act_kernel(g_ptr, u_ptr, b_ptr, h_ptr, F, stride_g, stride_u, stride_h,
                 ACT: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                 BLOCK: tl.constexpr):
-    """Three-step path: h = act(g + b) (* u) on contiguous [M, F] buffers (h may be g)."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    """Three-step path: h = act(g + b) (* u) for row pid(0) of [M, F] buffers with
+    unit column stride (h may be g; g and u may be the two halves of one [M, 2F] GEMM output)."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < F
+    g = tl.load(g_ptr + row * stride_g + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        g += tl.load(b_ptr + offs % F, mask=mask, other=0.0).to(tl.float32)
+        g += tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     h = _activate(g, ACT)
     if GATED:
-        h = h * tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+        h = h * tl.load(u_ptr + row * stride_u + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(h_ptr + row * stride_h + offs, h.to(h_ptr.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------
@@ -259,13 +262,17 @@ def _out_features(w: Weight) -> int:
 
 
 def _act_launch(g: torch.Tensor, u: torch.Tensor | None, bias: torch.Tensor | None,
-                activation: str) -> torch.Tensor:
-    """h = act(g + bias) (* u) in place of g, which is contiguous [M, F]."""
+                activation: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    """h = act(g + bias) (* u) into out (default: in place of g); g, u, out are [M, F] with
+    unit column stride."""
+    h = g if out is None else out
+    M, F = g.shape
     BLOCK = 1024
-    _act_kernel[(triton.cdiv(g.numel(), BLOCK),)](
-        g, u if u is not None else g, bias if bias is not None else g, g, g.numel(), g.shape[1],
+    _act_kernel[(M, triton.cdiv(F, BLOCK))](
+        g, u if u is not None else g, bias if bias is not None else g, h, F,
+        g.stride(0), (u if u is not None else g).stride(0), h.stride(0),
         ACT=activation, GATED=u is not None, HAS_BIAS=bias is not None, BLOCK=BLOCK)
-    return g
+    return h
 
 
 def _matmul(a: torch.Tensor, w: Weight, out: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -289,12 +296,21 @@ def _ffn_three_steps(x2, w1, b1, w3, w2, b2, activation, out2):
     _matmul(_act_launch(g, u, b1, activation), w2, out2, b2)
 
 
-def _ffn_int4(x2, w1, b1, w3, w2, b2, activation, out2):
-    """The FFN when any weight is an Int4Weight (dense weights may be mixed in).
-
-    For now the three-step pipeline, its INT4 GEMMs by w4a16_matmul. This is the function to
-    replace when w4a16.py has a fused INT4 gate + up (+ activation) kernel."""
-    _ffn_three_steps(x2, w1, b1, w3, w2, b2, activation, out2)
+def _ffn_int4(x2, w1, b1, w3, w2, b2, activation, out2, join: bool = True):
+    """The FFN when any weight is an Int4Weight (dense weights may be mixed in): the
+    three-step pipeline, its INT4 GEMMs by w4a16_matmul. When gate and up are the two parts
+    of one weight (Int4Weight.cat([w_gate, w_up]).split([F, F])) and join is set (fusion
+    "auto"), one GEMM of N = 2F reads both: one launch, and a wider N for the decomposition
+    to spread."""
+    both = join and isinstance(w1, Int4Weight) and isinstance(w3, Int4Weight)
+    gate_up = joined_rows(w1, w3) if both else None
+    if gate_up is None:
+        _ffn_three_steps(x2, w1, b1, w3, w2, b2, activation, out2)
+        return
+    M, F = x2.shape[0], w1.out_features
+    gu = _matmul(x2, gate_up, x2.new_empty(M, 2 * F))
+    h = _act_launch(gu[:, :F], gu[:, F:], b1, activation, out=x2.new_empty(M, F))
+    _matmul(h, w2, out2, b2)
 
 
 def _ffn_epilogue(x2, w1, b1, w3, w2, b2, activation, out2):
@@ -404,7 +420,7 @@ def _ffn(x, w1, b1, w3, w2, b2, activation, backend, fusion, out, names):
     x2 = x.reshape(M, D)
     out2 = out.view(M, D)
     if int4:
-        _ffn_int4(x2, w1, b1, w3, w2, b2, activation, out2)
+        _ffn_int4(x2, w1, b1, w3, w2, b2, activation, out2, join=fusion == "auto")
     else:
         if fusion == "auto":
             fusion = "none"
@@ -439,7 +455,9 @@ def fused_gated_ffn(x: torch.Tensor, w_gate: Weight, w_up: Weight, w_down: Weigh
 
     w_gate, w_up: [D, F]; w_down: [F, D]; dense [in, out] tensors in x's dtype or Int4Weight
     (nn.Linear layout), mixing allowed. In the fused variants gate and up are two accumulators
-    of one kernel that share the loads of x. Other arguments as for fused_ffn.
+    of one kernel that share the loads of x. INT4 gate and up that are the two parts of one
+    weight, ``Int4Weight.cat([w_gate, w_up]).split([F, F])``, are read by one GEMM of N = 2F
+    under fusion "auto" ("none" keeps two). Other arguments as for fused_ffn.
     """
     return _ffn(x, w_gate, None, w_up, w_down, None, activation, backend, fusion, out,
                 ("w_gate", None, "w_up", "w_down", None))

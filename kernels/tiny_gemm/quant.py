@@ -124,6 +124,48 @@ class Int4Weight:
         """Unpacked codes, uint8 [N, K]."""
         return unpack_codes(self.packed, self.in_features)
 
+    # --- row blocks -------------------------------------------------------------------------
+    @classmethod
+    def cat(cls, weights: "list[Int4Weight]") -> "Int4Weight":
+        """The rows of `weights` one after another, as one weight (a copy): gate and up of a
+        SwiGLU block, say, so that one GEMM reads both. ``split`` gives the parts back as
+        views of it, which fused_gated_ffn recognises and reads in one pass."""
+        _require(isinstance(weights, (list, tuple)) and len(weights) > 0
+                 and all(isinstance(w, Int4Weight) for w in weights), TypeError,
+                 "weights must be a non-empty list of Int4Weight")
+        a = weights[0]
+        for i, w in enumerate(weights[1:], 1):
+            _require(w.in_features == a.in_features and w.group_size == a.group_size, ValueError,
+                     f"weights[{i}] has K {w.in_features}, group_size {w.group_size}; "
+                     f"weights[0] has {a.in_features}, {a.group_size}")
+            _require(w.scales.dtype == a.scales.dtype and w.zeros.dtype == a.zeros.dtype, TypeError,
+                     f"weights[{i}] has scales/zeros {w.scales.dtype}/{w.zeros.dtype}; "
+                     f"weights[0] has {a.scales.dtype}/{a.zeros.dtype}")
+            _require(w.device == a.device, ValueError,
+                     f"weights[{i}] is on {w.device}, weights[0] on {a.device}")
+        return cls(torch.cat([w.packed for w in weights]), torch.cat([w.scales for w in weights], dim=1),
+                   torch.cat([w.zeros for w in weights], dim=1), a.group_size,
+                   (sum(w.out_features for w in weights), a.in_features))
+
+    def split(self, sizes: "list[int]") -> "list[Int4Weight]":
+        """Row blocks of sizes[0], sizes[1], ... rows (summing to N). Their codes are views of
+        this weight's memory; scales and zeros ([K // G, N], N contiguous) are copied, a few
+        percent of the bytes. Each part remembers this weight, so that a kernel handed all
+        of its parts in order can read this weight instead, in one pass (fused_gated_ffn
+        does so for gate and up)."""
+        _require(isinstance(sizes, (list, tuple)) and all(isinstance(n, int) and n > 0 for n in sizes)
+                 and sum(sizes) == self.out_features, ValueError,
+                 f"sizes must be positive ints summing to N = {self.out_features}, got {sizes}")
+        parts, start = [], 0
+        for n in sizes:
+            cols = slice(start, start + n)
+            part = Int4Weight(self.packed[cols], self.scales[:, cols], self.zeros[:, cols],
+                              self.group_size, (n, self.in_features))
+            part._part_of = (self, start, start + n)
+            parts.append(part)
+            start += n
+        return parts
+
     # --- other formats ----------------------------------------------------------------------
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -183,6 +225,20 @@ class Int4Weight:
         zc = (z - 1).to(torch.uint8)
         qzeros = (zc[:, 0::2] | (zc[:, 1::2] << 4)).flatten().view(torch.int32).reshape(-1, N // 8)
         return qweight, qzeros, self.scales.clone()
+
+
+def joined_rows(*parts: Int4Weight) -> Int4Weight | None:
+    """The weight that `parts` were split from (Int4Weight.split), when they are all of its
+    parts in order; else None."""
+    links = [getattr(p, "_part_of", None) for p in parts]
+    if not parts or None in links:
+        return None
+    whole = links[0][0]
+    if any(link[0] is not whole for link in links) or links[0][1] != 0 \
+            or links[-1][2] != whole.out_features \
+            or any(l0[2] != l1[1] for l0, l1 in zip(links, links[1:])):
+        return None
+    return whole
 
 
 def quantize(w: torch.Tensor, group_size: int | None = 128) -> Int4Weight:
