@@ -17,6 +17,9 @@ Methods (experiment.methods):
                       w.t() (no copy), with fusion "none", "epilogue" or "full"
   tiny_gemm_int4      fused_gated_ffn on Int4Weight weights (experiment.group_size): the INT4
                       path, w4a16_matmul for the three GEMMs
+  tiny_gemm_int4_joined
+                      the same INT4 weights with gate and up stored as one weight
+                      (Int4Weight.cat([gate, up]).split([F, F])): one GEMM of N = 2F for both
 All compute one function: the fp16 weights are the INT4 weights dequantized (as cuBLAS in
 bench_w4a16.py), so one float64 reference, gated_ffn_reference on the INT4 weights, checks
 every method (3 calls, normwise relative error <= 1e-2; tiny_gemm writes into a NaN-filled
@@ -41,7 +44,7 @@ import torch.nn.functional as tnf
 
 from tiny_gemm import timing
 from tiny_gemm.ffn import fused_gated_ffn, gated_ffn_reference
-from tiny_gemm.quant import GROUP_SIZES, dequantize, quantize
+from tiny_gemm.quant import GROUP_SIZES, Int4Weight, dequantize, quantize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import Method, check_and_time, nan_like  # noqa: E402
@@ -50,7 +53,8 @@ from bench_w4a16 import _fmt, check_methods_and_m, clone_int4  # noqa: E402
 EXPERIMENT = "ffn_fusion"
 DEVICE = "cuda"         # where weights and activations are made (a CPU check of this module sets "cpu")
 DENSE_FUSIONS = {"tiny_gemm_none": "none", "tiny_gemm_epilogue": "epilogue", "tiny_gemm_full": "full"}
-METHODS = ("torch_fp16", *DENSE_FUSIONS, "tiny_gemm_int4")
+INT4_METHODS = ("tiny_gemm_int4", "tiny_gemm_int4_joined")
+METHODS = ("torch_fp16", *DENSE_FUSIONS, *INT4_METHODS)
 COLUMNS = ("experiment", "method", "M", "D", "F", "group_size", "weights", "dtype", "time_us",
            "p20_us", "p80_us", "floor_us", "pct_floor", "int4_floor_us", "rel_err", "status",
            "rotations", "note")
@@ -96,9 +100,20 @@ class FfnWeights:
         q = tuple(quantize(linear(o, i), group_size) for o, i in ((F, D), (F, D), (D, F)))
         n4 = timing.rotations(sum(w.nbytes for w in q))
         self.int4 = [q] + [tuple(clone_int4(w) for w in q) for _ in range(n4 - 1)]
+        self._joined = None
         w16 = tuple(dequantize(w) for w in q)
         n16 = timing.rotations(sum(w.numel() * w.element_size() for w in w16))
         self.fp16 = [w16] + [tuple(w.clone() for w in w16) for _ in range(n16 - 1)]
+
+
+    @property
+    def int4_joined(self) -> list[tuple[Int4Weight, Int4Weight, Int4Weight]]:
+        """int4 with gate and up of each copy stored as one weight and split into its two
+        parts (made on first use: one more copy of the gate and up codes per rotation)."""
+        if self._joined is None:
+            self._joined = [(*Int4Weight.cat([g, u]).split([g.out_features, u.out_features]), d)
+                            for g, u, d in self.int4]
+        return self._joined
 
 
 def build_method(name: str, x: torch.Tensor, wts: FfnWeights) -> Method:
@@ -111,6 +126,10 @@ def build_method(name: str, x: torch.Tensor, wts: FfnWeights) -> Method:
         views = [tuple(t.t() for t in w) for w in wts.fp16]       # [in, out] views, no copy
         return Method(name, [partial(fused_gated_ffn, x, *w, fusion=fusion) for w in views],
                       partial(_tiny_checked, x, *views[0], fusion), f"fusion={fusion}")
+    if name == "tiny_gemm_int4_joined":
+        ws = wts.int4_joined
+        return Method(name, [partial(fused_gated_ffn, x, *w) for w in ws],
+                      partial(_tiny_checked, x, *ws[0], "auto"), "fusion=auto, gate and up as one weight")
     return Method(name, [partial(fused_gated_ffn, x, *w) for w in wts.int4],
                   partial(_tiny_checked, x, *wts.int4[0], "auto"), "fusion=auto (the INT4 path)")
 
@@ -123,7 +142,7 @@ def bench_M(M: int, D: int, F: int, group_size: int, wts: FfnWeights, names: tup
               "int4": timing.floor_us(ffn_int4_bytes(M, D, F, group_size), bandwidth)}
     rows = []
     for name in names:
-        weights = "int4" if name == "tiny_gemm_int4" else "fp16"
+        weights = "int4" if name in INT4_METHODS else "fp16"
         method = build_method(name, x, wts)
         row = dict(experiment=experiment, method=name, M=M, D=D, F=F, group_size=group_size,
                    weights=weights, dtype="float16", time_us=None, p20_us=None, p80_us=None,
