@@ -146,12 +146,14 @@ def tune_entry(x: torch.Tensor, qws: list[Int4Weight], n_sm: int, replays: int, 
     M, K = x.shape
     N = qws[0].out_features
     ref = w4a16_reference(x, qws[0])
+
+    def time_us(cfg: W4A16Config) -> float:
+        fns = [partial(w4a16_matmul, x, q, config=cfg) for q in qws]
+        return timing.time_graph(fns, replays=replays, warmup=2, warmup_ms=5.0)["median_us"]
+
     best, times = {}, {}
     for dec in DECOMPOSITIONS:
-        timed = []
-        for cfg in candidates(dec, M, N, K, n_sm, quick, stages):
-            fns = [partial(w4a16_matmul, x, q, config=cfg) for q in qws]
-            timed.append((timing.time_graph(fns, replays=replays, warmup=2, warmup_ms=5.0)["median_us"], cfg))
+        timed = [(time_us(cfg), cfg) for cfg in candidates(dec, M, N, K, n_sm, quick, stages)]
         for t, cfg in sorted(timed, key=lambda tc: tc[0]):
             err = check_config(x, qws[0], cfg, ref)
             if err <= MAX_REL_ERR:
@@ -163,10 +165,7 @@ def tune_entry(x: torch.Tensor, qws: list[Int4Weight], n_sm: int, replays: int, 
     # what a shape missing from the table gets: timed the same way, so the table records the
     # fallback's distance from the tuned entry (select_config reads only "auto" and "best")
     fb = heuristic_config(M, N, K, GROUP_SIZE, n_sm)
-    fns = [partial(w4a16_matmul, x, q, config=fb) for q in qws]
-    fallback = {"config": fb.to_dict(),
-                "time_us": timing.time_graph(fns, replays=replays, warmup=2, warmup_ms=5.0)["median_us"],
-                "rel_err": check_config(x, qws[0], fb, ref)}
+    fallback = {"config": fb.to_dict(), "time_us": time_us(fb), "rel_err": check_config(x, qws[0], fb, ref)}
     return {"M": M, "K": K, "N": N, "group_size": GROUP_SIZE, "auto": min(times, key=times.get),
             "best": best, "time_us": times, "fallback": fallback}
 
