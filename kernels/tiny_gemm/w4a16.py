@@ -114,8 +114,30 @@ def _unpack_asm(p, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def _w_offset(it, stride_wb, HALF_K: tl.constexpr, W_BLOCK: tl.constexpr):
+    """Offset of K-iteration it's first packed byte in column 0: it * HALF_K in the row-major
+    layout (W_BLOCK == 0); in the K-blocked one, its block's start plus its place in the
+    block (written with the iteration index, so Triton sees it is a multiple of HALF_K)."""
+    if W_BLOCK == 0:
+        return it * HALF_K
+    else:
+        PER: tl.constexpr = W_BLOCK // HALF_K
+        return (it // PER) * stride_wb + (it % PER) * HALF_K
+
+
+@triton.jit
+def _k_ok(offs_r, room, W_BLOCK: tl.constexpr):
+    """The K mask of a weight tile: bytes within the row (row-major layout); all of them in
+    the K-blocked one, which is zero-padded to whole blocks."""
+    if W_BLOCK == 0:
+        return offs_r[:, None] < room
+    else:
+        return offs_r[:, None] < offs_r.shape[0]
+
+
+@triton.jit
 def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
-              M, N, K, group_size, stride_xm, stride_wn,
+              M, N, K, group_size, stride_xm, stride_wn, stride_wb, W_BLOCK: tl.constexpr,
               MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
               ABLATE_DEQUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               INTERPRET: tl.constexpr):
@@ -146,11 +168,17 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
     offs_r = tl.arange(0, HALF_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # packed is contiguous: its row stride is also the bytes per row, the bound of the K masks
-    # (stated that way so that Triton sees the bound's divisibility and vectorizes the loads)
+    # W_BLOCK == 0: packed is [N, ceil(K/2)], contiguous, so its row stride is also the bytes
+    # per row, the bound of the K masks (stated that way so that Triton sees the bound's
+    # divisibility and vectorizes the loads). W_BLOCK > 0: packed is [K/2 / W_BLOCK, N,
+    # W_BLOCK] (stride_wb between K-blocks), zero-padded along K, so a tile's bytes are one
+    # contiguous run and need no K mask (x is masked, so padded codes add nothing).
     packed_k = stride_wn
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_r[:, None]
+    if W_BLOCK == 0:
+        w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_r[:, None]
+    else:
+        w_ptrs = w_ptr + offs_n[None, :] * W_BLOCK + offs_r[:, None]
     # Loads that do not feed tl.dot are not pipelined by Triton, so the next iteration's are
     # issued before this one's math by hand: its group's scales and zeros (a DRAM latency per
     # iteration otherwise: ~20% of the time at M = 1, K 8192, N 28672 on an H200, see
@@ -162,7 +190,7 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
     if BLOCK_M == 1:
         acc2 = tl.zeros((HALF_K, BLOCK_N), tl.float32)
         r0 = it_lo * HALF_K
-        p_next = tl.load(w_ptrs + r0, mask=(offs_r[:, None] < packed_k - r0) & mask_n[None, :]
+        p_next = tl.load(w_ptrs + _w_offset(it_lo, stride_wb, HALF_K, W_BLOCK), mask=_k_ok(offs_r, packed_k - r0, W_BLOCK) & mask_n[None, :]
                          & (it_lo < it_hi), other=0)
         x_next = tl.load(x_ptrs + it_lo * BLOCK_K, mask=mask_m[:, None] & (offs_k[None, :] < K - it_lo * BLOCK_K)
                          & (it_lo < it_hi), other=0.0)
@@ -178,13 +206,13 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
             p = p_next
             x = x_next
             r1 = k0 // 2 + HALF_K
-            p_next = tl.load(w_ptrs + r1, mask=(offs_r[:, None] < packed_k - r1) & mask_n[None, :] & more,
+            p_next = tl.load(w_ptrs + _w_offset(it + 1, stride_wb, HALF_K, W_BLOCK), mask=_k_ok(offs_r, packed_k - r1, W_BLOCK) & mask_n[None, :] & more,
                              other=0)
             x_next = tl.load(x_ptrs + k0 + BLOCK_K,
                              mask=mask_m[:, None] & (offs_k[None, :] < K - k0 - BLOCK_K) & more, other=0.0)
         else:
             r0 = k0 // 2
-            p = tl.load(w_ptrs + r0, mask=(offs_r[:, None] < packed_k - r0) & mask_n[None, :], other=0)
+            p = tl.load(w_ptrs + _w_offset(it, stride_wb, HALF_K, W_BLOCK), mask=_k_ok(offs_r, packed_k - r0, W_BLOCK) & mask_n[None, :], other=0)
             # one contiguous load of x, split into even and odd k in registers
             x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
         xe, xo = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
@@ -289,15 +317,15 @@ def _w4a16_dp_kernel(
         # sizes
         M, N, K, group_size,
         # strides (packed is [N, ceil(K/2)] with row stride stride_wn; scales, zeros [K/G, N])
-        stride_xm, stride_wn, stride_om,
+        stride_xm, stride_wn, stride_wb, stride_om,
         # meta-parameters
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
-        ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr,
+        ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr, W_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, 0, tl.cdiv(K, BLOCK_K),
-                    M, N, K, group_size, stride_xm, stride_wn, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
+                    M, N, K, group_size, stride_xm, stride_wn, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
                     INTERPRET)
     _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
 
@@ -309,12 +337,12 @@ def _w4a16_splitk_kernel(
         # sizes
         M, N, K, group_size,
         # strides
-        stride_xm, stride_wn, stride_om,
+        stride_xm, stride_wn, stride_wb, stride_om,
         # decomposition: each of the n_splits programs of a tile owns iters_per_split K-iterations
         iters_per_split, n_splits,
         # meta-parameters
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
-        ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr,
+        ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr, W_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         NUM_THREADS: tl.constexpr):
     tile_id = tl.program_id(0)
@@ -324,7 +352,7 @@ def _w4a16_splitk_kernel(
     it_hi = min(it_lo + iters_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
-                    M, N, K, group_size, stride_xm, stride_wn, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
+                    M, N, K, group_size, stride_xm, stride_wn, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
                     INTERPRET)
     _reduce_partial(acc, tile_id, split, n_splits, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
                     M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET)
@@ -344,12 +372,12 @@ def _w4a16_streamk_kernel(
         # sizes
         M, N, K, group_size,
         # strides
-        stride_xm, stride_wn, stride_om,
+        stride_xm, stride_wn, stride_wb, stride_om,
         # decomposition: total = q * P + r iterations; program p owns q (+1 if p < r) of them
         q, r, slots,
         # meta-parameters
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
-        ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr,
+        ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr, W_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         NUM_THREADS: tl.constexpr):
     pid = tl.program_id(0)
@@ -365,7 +393,7 @@ def _w4a16_streamk_kernel(
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, k_lo, k_hi,
-                        M, N, K, group_size, stride_xm, stride_wn, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
+                        M, N, K, group_size, stride_xm, stride_wn, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
                         INTERPRET)
         if (k_lo == 0) & (k_hi == k_iters):
             _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
@@ -539,8 +567,15 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
                   ABLATE_DEQUANT=ablate_dequant,
                   INTERPRET=_interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                   GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    args = (x2, qw.packed, qw.scales, qw.zeros, out2)
-    sizes = (M, N, K, G, x2.stride(0), qw.packed.stride(0), out2.stride(0))
+    packed = qw.packed
+    if packed.dim() == 2:    # [N, ceil(K/2)], row-major
+        w_block, stride_wn, stride_wb = 0, packed.stride(0), 0
+    else:                    # [K/2 / W_BLOCK, N, W_BLOCK], K-blocked
+        w_block, stride_wn, stride_wb = packed.shape[2], packed.stride(1), packed.stride(0)
+        assert w_block % (bk // 2) == 0, "a tile must not straddle a K-block"
+    common["W_BLOCK"] = w_block
+    args = (x2, packed, qw.scales, qw.zeros, out2)
+    sizes = (M, N, K, G, x2.stride(0), stride_wn, stride_wb, out2.stride(0))
     if cfg.decomposition == "dp":
         return _w4a16_dp_kernel[(tiles,)](*args, *sizes, **common)
 
