@@ -54,8 +54,7 @@ def sass_mix(kernel) -> dict:
 _CUOBJDUMP_OP = re.compile(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", re.M)
 
 
-def compile_offline(cfg: W4A16Config, dtype: str = "fp16", zero_int: bool = True, arch: int = 90,
-                    w_block: int = 0):
+def compile_offline(cfg: W4A16Config, dtype: str = "fp16", zero_int: bool = True, arch: int = 90):
     """Compile the kernel of cfg for sm_<arch> without a GPU; returns (row, ttgir). N, K,
     strides and pointers are taken as 16-divisible, as Triton specializes them at Llama sizes."""
     os.environ.pop("TRITON_INTERPRET", None)
@@ -68,12 +67,12 @@ def compile_offline(cfg: W4A16Config, dtype: str = "fp16", zero_int: bool = True
     magic, offset = (0x6400, 1024.0) if dtype == "fp16" else (0x4300, 128.0)
     constexprs = dict(MAGIC=magic, MAGIC_OFFSET=offset, ZERO_INT=zero_int, ABLATE_DEQUANT=False,
                       INTERPRET=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                      GROUP_M=cfg.group_m, NUM_THREADS=32 * cfg.num_warps, W_BLOCK=w_block)
+                      GROUP_M=cfg.group_m, NUM_THREADS=32 * cfg.num_warps, W_BLOCK=W.BLOCK_BYTES)
     ptrs = {"x_ptr": f"*{dtype}", "w_ptr": "*u8", "s_ptr": f"*{dtype}", "z_ptr": "*i8" if zero_int else f"*{dtype}",
             "out_ptr": f"*{dtype}", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     names = fn.arg_names
     sig = {n: "constexpr" if n in constexprs else ptrs.get(n, "i32") for n in names}
-    aligned = set(ptrs) | {"N", "K", "group_size", "stride_xm", "stride_wn", "stride_wb", "stride_om"}
+    aligned = set(ptrs) | {"N", "K", "group_size", "stride_xm", "stride_wb", "stride_om"}
     src = ASTSource(fn, sig, {(names.index(k),): v for k, v in constexprs.items() if k in names},
                     {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in aligned})
     k = triton.compile(src, target=GPUTarget("cuda", arch, 32),

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from tiny_gemm import quantize, w4a16_reference
+from tiny_gemm.quant import pack_rows
 from tiny_gemm.timing import copy_bandwidth, floor_us, provenance, rotations, time_graph, w4a16_bytes
 
 # inspect_w4a16.py sits beside this file; share its SASS parser rather than copy it
@@ -111,7 +112,8 @@ def main() -> None:
     for K, N in ((4096, 14336), (8192, 28672)):
         qw = quantize(torch.randn(N, K, dtype=torch.float16, device="cuda"), 128)
         nrot = rotations(qw.nbytes)
-        copies = [(qw.packed.clone(), qw.scales.clone(), qw.zeros.clone()) for _ in range(nrot)]
+        row_major = pack_rows(qw.codes())   # these kernels read the row-major [N, K/2] bytes
+        copies = [(row_major.clone(), qw.scales.clone(), qw.zeros.clone()) for _ in range(nrot)]
         for M in (1, 16):
             x = torch.randn(M, K, dtype=torch.float16, device="cuda")
             ref = w4a16_reference(x, qw)

@@ -75,7 +75,7 @@ def test_rounding_overflow_and_subnormals():
 
 
 def test_empty_weight():
-    qw = Int4Weight(torch.empty(0, 32, dtype=torch.uint8, device=DEVICE),
+    qw = Int4Weight(torch.empty(1, 0, 64, dtype=torch.uint8, device=DEVICE),
                     torch.empty(2, 0, dtype=torch.float16, device=DEVICE),
                     torch.empty(2, 0, dtype=torch.int8, device=DEVICE), 32, (0, 64))
     assert dequantize_triton(qw).shape == (0, 64)
@@ -94,7 +94,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="out must be contiguous"):
         dequantize_triton(qw, out=torch.empty(64, 8, dtype=torch.float16, device=DEVICE).t())
     # groups of 3 begin inside a byte (k = 3 is the high nibble of byte 1)
-    odd = Int4Weight(torch.zeros(8, 3, dtype=torch.uint8, device=DEVICE),
+    odd = Int4Weight(torch.zeros(1, 8, 64, dtype=torch.uint8, device=DEVICE),
                      torch.ones(2, 8, dtype=torch.float16, device=DEVICE),
                      torch.zeros(2, 8, dtype=torch.int8, device=DEVICE), 3, (8, 6))
     with pytest.raises(ValueError, match="group_size = 3 is odd"):

@@ -21,7 +21,7 @@ def test_quantize_format(dtype, group_size):
     qw = quantize(w, group_size)
     G = group_size or K
     assert qw.shape == (N, K) and qw.group_size == G and qw.dtype == dtype
-    assert qw.packed.dtype == torch.uint8 and qw.packed.shape == (N, K // 2)
+    assert qw.packed.dtype == torch.uint8 and qw.packed.shape == (K // 128, N, 64)
     assert qw.scales.shape == qw.zeros.shape == (K // G, N)
     codes = qw.codes()
     assert codes.shape == (N, K) and int(codes.max()) <= 15
@@ -60,10 +60,27 @@ def test_constant_and_zero_groups_are_exact():
     assert torch.equal(dequantize(qw), w)
 
 
+@pytest.mark.parametrize("K", [96, 128, 300])
+def test_packed_layout_by_hand(K):
+    """packed[b, n, j] holds k = 128 b + 2 j (low nibble) and k + 1 (high nibble); zeros past K."""
+    from tiny_gemm.quant import pack_codes, unpack_codes
+    N = 3
+    codes = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=torch.Generator().manual_seed(K))
+    packed = pack_codes(codes)
+    assert packed.shape == (-(-K // 128), N, 64)
+    for n in range(N):
+        for k in range(0, K, 7):
+            byte = int(packed[k // 128, n, (k % 128) // 2])
+            assert (byte >> 4 * (k % 2)) & 0xF == codes[n, k]
+    assert not packed.view(-1, N, 128 // 2).permute(1, 0, 2).reshape(N, -1)[:, (K + 1) // 2:].any()
+    assert torch.equal(unpack_codes(packed, K), codes)
+
+
 def test_odd_k_single_group():
     w = torch.randn(5, 99, device=DEVICE)
     qw = quantize(w, None)
-    assert qw.packed.shape == (5, 50) and qw.group_size == 99
+    assert qw.packed.shape == (1, 5, 64) and qw.group_size == 99
+    assert not qw.packed[:, :, 50:].any()     # past K: zero padding
     assert quantization_error(w, qw) < 0.2
 
 
@@ -165,6 +182,7 @@ def test_cat_and_split_rows():
     pa, pb = whole.split([10, 7])
     assert torch.equal(dequantize(pa), dequantize(a)) and torch.equal(dequantize(pb), dequantize(b))
     assert pa.packed.data_ptr() == whole.packed.data_ptr()
+    assert pb.packed.data_ptr() == whole.packed.data_ptr() + 10 * 64 and not pb.packed.is_contiguous()
     assert joined_rows(pa, pb) is whole
     assert joined_rows(pb, pa) is None and joined_rows(a, b) is None and joined_rows(pa) is None
     p1, p2, p3 = whole.split([5, 5, 7])

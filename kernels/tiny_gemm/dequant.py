@@ -5,11 +5,13 @@ dequant_breakdown experiment times against the fused W4A16 GEMM. Its result is b
 to ``quant.dequantize``: ``(q - z) * s`` computed in fp32 and rounded once (round to nearest
 even) to the scales' dtype.
 
-A program owns a tile of BLOCK_N rows by BLOCK_K values of k (BLOCK_K / 2 packed bytes,
-loaded contiguously along K, so the loads vectorize), inside one quantization group: its
-scales and zeros are one [BLOCK_N] vector each. The low and high nibbles give the values of
+A program owns a tile of BLOCK_N rows by BLOCK_K values of k (BLOCK_K / 2 packed bytes per
+row, inside one 128-code K-block of the packed layout, loaded contiguously along K, so the
+loads vectorize), inside one quantization group: its scales and zeros are one [BLOCK_N]
+vector each. The low and high nibbles give the values of
 the even and odd k; ``tl.join`` interleaves them, so the store is contiguous along K too. For
-odd K the high nibble of a row's last byte is padding and is masked off the store.
+odd K the high nibble of a row's last byte is padding and is masked off the store, as are
+the codes past K of the last K-block.
 
 Codes become floats without an int->float conversion: ``q | 0x4B000000`` is the fp32 number
 2^23 + q, exactly, and subtracting 2^23 leaves q, exactly.
@@ -26,10 +28,10 @@ import triton
 import triton.language as tl
 
 from ._checks import interpreting as _interpreting
-from .quant import Int4Weight, _require
+from .quant import BLOCK_BYTES, K_BLOCK, Int4Weight, _require
 
-# values of k per tile (at most; a tile never straddles a group) and outputs per program
-_MAX_BLOCK_K = 128
+# values of k per tile (at most; a tile never straddles a group nor a K-block) and outputs per program
+_MAX_BLOCK_K = K_BLOCK
 _TILE_ELEMENTS = 8192
 _MAX_BLOCK_N = 256
 
@@ -45,18 +47,20 @@ def _round_to(w, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, packed_k, group_size,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRET: tl.constexpr):
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wb, group_size,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_BLOCK: tl.constexpr,
+                    INTERPRET: tl.constexpr):
     """out[n, k] = (q[n, k] - z[k // G, n]) * s[k // G, n], fp32 math, one rounding."""
     HALF_K: tl.constexpr = BLOCK_K // 2
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = pid_k * HALF_K + tl.arange(0, HALF_K)          # packed bytes of the tile
+    PER: tl.constexpr = W_BLOCK // HALF_K                     # tiles per K-block
     mask_n = offs_n < N
     rows = offs_n.to(tl.int64)
-    p = tl.load(w_ptr + rows[:, None] * packed_k + offs_r[None, :],
-                mask=mask_n[:, None] & (offs_r[None, :] < packed_k), other=0)
+    base = (pid_k // PER).to(tl.int64) * stride_wb + (pid_k % PER) * HALF_K
+    p = tl.load(w_ptr + base + rows[:, None] * W_BLOCK + tl.arange(0, HALF_K)[None, :],
+                mask=mask_n[:, None], other=0)
     g = (pid_k * BLOCK_K) // group_size                      # the tile's group
     s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0).to(tl.float32)
@@ -109,7 +113,7 @@ def dequantize_triton(qw: Int4Weight, out: torch.Tensor | None = None) -> torch.
         return out
     block_n = min(_MAX_BLOCK_N, _TILE_ELEMENTS // block_k, triton.next_power_of_2(N))
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
-    _dequant_kernel[grid](qw.packed, qw.scales, qw.zeros, out, N, K, qw.packed.shape[1],
-                          qw.group_size, BLOCK_N=block_n, BLOCK_K=block_k, INTERPRET=_interpreting(),
-                          num_warps=4)
+    _dequant_kernel[grid](qw.packed, qw.scales, qw.zeros, out, N, K, qw.packed.stride(0),
+                          qw.group_size, BLOCK_N=block_n, BLOCK_K=block_k, W_BLOCK=BLOCK_BYTES,
+                          INTERPRET=_interpreting(), num_warps=4)
     return out

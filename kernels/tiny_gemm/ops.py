@@ -16,7 +16,7 @@ def w4a16_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros:
              group_size: int, in_features: int, decomposition: str = "auto", split_k: int = 0,
              deterministic: bool = False) -> torch.Tensor:
     """W4A16 GEMM on the parts of an Int4Weight; split_k = 0 means unset."""
-    qw = Int4Weight(packed, scales, zeros, group_size, (packed.shape[0], in_features))
+    qw = Int4Weight(packed, scales, zeros, group_size, (packed.shape[1], in_features))
     return w4a16_matmul(x, qw, decomposition, split_k or None, deterministic)
 
 
@@ -24,4 +24,5 @@ def w4a16_mm(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros:
 def _(x, packed, scales, zeros, group_size, in_features, decomposition="auto", split_k=0,
       deterministic=False):
     torch._check(x.shape[-1] == in_features, lambda: "x.shape[-1] must equal in_features")
-    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+    torch._check(packed.dim() == 3, lambda: "packed must be [ceil(K / 128), N, 64]")
+    return x.new_empty((*x.shape[:-1], packed.shape[1]))

@@ -2,13 +2,19 @@
 
 Format (``Int4Weight``), for a weight of nn.Linear shape [N, K] (out_features, in_features):
 
-* ``packed``: uint8 [N, ceil(K / 2)], row-major (the nn.Linear layout, two codes per byte).
-  Byte ``packed[n, j]`` holds the code of k = 2j in its low nibble and k = 2j + 1 in its
-  high nibble. K is contiguous because the tensor-core B operand wants it: a thread's four
-  consecutive bytes along K are one 32-bit shared-memory load that unpacks, in registers,
-  straight into the operand's layout. Four consecutive bytes of a row, read as a
-  little-endian int32, are one AutoGPTQ ``qweight`` word (eight codes along K, lowest nibble
-  first), so GPTQ's qweight [K/8, N] is ``packed.view(int32).T``.
+* ``packed``: uint8 [ceil(K / 128), N, 64], K-blocked: block b holds k = 128 b .. 128 b + 127
+  of every output column, 64 bytes per column, the columns one after another. Byte
+  ``packed[b, n, j]`` holds the code of k = 128 b + 2 j in its low nibble and of k = 128 b +
+  2 j + 1 in its high nibble; codes past K are 0 (the kernels mask x there). Within a column
+  K is contiguous, because the tensor-core B operand wants it: a thread's four consecutive
+  bytes along K are one 32-bit shared-memory load that unpacks, in registers, straight into
+  the operand's layout. Across columns the block is contiguous too, so the [BLOCK_N, 128]
+  tile of one K-step is one run of BLOCK_N * 64 bytes: on an H100 this read the 117 MB of
+  Llama-3-70B's down projection at M = 1 in 0.72x the time of the row-major [N, K / 2] layout
+  (results/nvidia_h100_80gb_hbm3/scratch/layout_ab.txt). ``pack_rows`` gives the row-major
+  bytes, whose four consecutive bytes of a row, read as a little-endian int32, are one
+  AutoGPTQ ``qweight`` word (eight codes along K, lowest nibble first): GPTQ's qweight
+  [K/8, N] is ``pack_rows(codes).view(int32).T``.
 * ``scales``: [K // group_size, N] in fp16, bf16 or fp32.
 * ``zeros``: [K // group_size, N], either int8 (integer zero points, as round-to-nearest and
   GPTQ give; ``quantize`` and ``from_gptq`` store these) or the scales' float dtype
@@ -45,8 +51,13 @@ def _check_group_size(group_size: int | None, K: int, arg: str = "group_size") -
     return group_size
 
 
-def pack_codes(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 codes [N, K] in 0..15 -> packed uint8 [N, ceil(K/2)] (even k in the low nibble)."""
+# codes per K-block of the packed layout, and bytes per column of a block
+K_BLOCK = 128
+BLOCK_BYTES = K_BLOCK // 2
+
+
+def pack_rows(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in 0..15 -> row-major bytes [N, ceil(K/2)] (even k in the low nibble)."""
     N, K = codes.shape
     if K % 2:
         codes = torch.cat([codes, codes.new_zeros(N, 1)], dim=1)
@@ -54,10 +65,31 @@ def pack_codes(codes: torch.Tensor) -> torch.Tensor:
     return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
 
 
+def block_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Row-major bytes [N, R] -> the K-blocked layout [ceil(R / 64), N, 64], zero-padded."""
+    N, R = rows.shape
+    nb = -(-R // BLOCK_BYTES)
+    padded = torch.zeros(N, nb * BLOCK_BYTES, dtype=torch.uint8, device=rows.device)
+    padded[:, :R] = rows
+    return padded.view(N, nb, BLOCK_BYTES).permute(1, 0, 2).contiguous()
+
+
+def unblock_rows(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """The K-blocked layout -> row-major bytes [N, ceil(K/2)]."""
+    nb, N, _ = packed.shape
+    return packed.permute(1, 0, 2).reshape(N, nb * BLOCK_BYTES)[:, :(K + 1) // 2].contiguous()
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] in 0..15 -> packed uint8 [ceil(K/128), N, 64] (see the module docstring)."""
+    return block_rows(pack_rows(codes))
+
+
 def unpack_codes(packed: torch.Tensor, K: int) -> torch.Tensor:
-    """packed uint8 [N, ceil(K/2)] -> uint8 codes [N, K]."""
-    lo, hi = packed & 0xF, packed >> 4
-    return torch.stack([lo, hi], dim=2).reshape(packed.shape[0], -1)[:, :K]
+    """packed uint8 [ceil(K/128), N, 64] -> uint8 codes [N, K]."""
+    rows = unblock_rows(packed, K)
+    lo, hi = rows & 0xF, rows >> 4
+    return torch.stack([lo, hi], dim=2).reshape(rows.shape[0], -1)[:, :K]
 
 
 @dataclass(eq=False)
@@ -74,8 +106,10 @@ class Int4Weight:
         N, K = self.shape
         _require(self.packed.dtype == torch.uint8, TypeError,
                  f"packed must be uint8, got {self.packed.dtype}")
-        _require(tuple(self.packed.shape) == (N, (K + 1) // 2), ValueError,
-                 f"packed must be [{N}, {(K + 1) // 2}] for shape {self.shape}, got {list(self.packed.shape)}")
+        blocks = (-(-K // K_BLOCK), N, BLOCK_BYTES)
+        _require(tuple(self.packed.shape) == blocks, ValueError,
+                 f"packed must be [ceil(K / {K_BLOCK}), N, {BLOCK_BYTES}] = {list(blocks)} for shape "
+                 f"{self.shape}, got {list(self.packed.shape)}")
         _require(self.scales.dtype in FLOAT_DTYPES, TypeError,
                  f"scales must be one of {FLOAT_DTYPES}, got {self.scales.dtype}")
         _require(self.zeros.dtype in (self.scales.dtype, torch.int8), TypeError,
@@ -90,7 +124,10 @@ class Int4Weight:
                      f"{name} must be [K // group_size, N] = {list(groups)}, got {list(t.shape)}")
         _require(self.packed.device == self.scales.device == self.zeros.device, ValueError,
                  "packed, scales and zeros must be on one device")
-        self.packed = self.packed.contiguous()
+        # the kernels need each column's 64 bytes of a block contiguous and the columns of a
+        # block one after another; the blocks may lie apart (the parts of ``split`` are views)
+        if self.packed.stride(2) != 1 or self.packed.stride(1) != BLOCK_BYTES:
+            self.packed = self.packed.contiguous()
         self.scales = self.scales.contiguous()
         self.zeros = self.zeros.contiguous()
 
@@ -143,7 +180,7 @@ class Int4Weight:
                      f"weights[0] has {a.scales.dtype}/{a.zeros.dtype}")
             _require(w.device == a.device, ValueError,
                      f"weights[{i}] is on {w.device}, weights[0] on {a.device}")
-        return cls(torch.cat([w.packed for w in weights]), torch.cat([w.scales for w in weights], dim=1),
+        return cls(torch.cat([w.packed for w in weights], dim=1), torch.cat([w.scales for w in weights], dim=1),
                    torch.cat([w.zeros for w in weights], dim=1), a.group_size,
                    (sum(w.out_features for w in weights), a.in_features))
 
@@ -159,7 +196,7 @@ class Int4Weight:
         parts, start = [], 0
         for n in sizes:
             cols = slice(start, start + n)
-            part = Int4Weight(self.packed[cols], self.scales[:, cols], self.zeros[:, cols],
+            part = Int4Weight(self.packed[:, cols], self.scales[:, cols], self.zeros[:, cols],
                               self.group_size, (n, self.in_features))
             part._part_of = (self, start, start + n)
             parts.append(part)
@@ -207,8 +244,8 @@ class Int4Weight:
                  f"qzeros must be [K // group_size, N // 8] = {[K // G, N // 8]}, got {list(qzeros.shape)}")
         _require(scales.dtype in FLOAT_DTYPES, TypeError,
                  f"scales must be one of {FLOAT_DTYPES}, got {scales.dtype}")
-        # A qweight word is four of our bytes along K, little-endian: a transpose.
-        packed = qweight.t().contiguous().view(torch.uint8)
+        # A qweight word is four of our row-major bytes along K, little-endian: a transpose.
+        packed = block_rows(qweight.t().contiguous().view(torch.uint8))
         shifts = torch.arange(0, 32, 4, device=qzeros.device, dtype=torch.int32)
         z = ((qzeros.unsqueeze(-1) >> shifts) & 0xF).reshape(K // G, N) + 1
         return cls(packed, scales.contiguous(), z.to(torch.int8), G, (N, K))
@@ -221,7 +258,7 @@ class Int4Weight:
         z = self.zeros.float()
         _require(bool(((z == z.round()) & (z >= 1) & (z <= 16)).all()), ValueError,
                  "zeros must be integers in 1..16 to be stored as GPTQ qzeros (zero - 1 in 4 bits)")
-        qweight = self.packed.view(torch.int32).t().contiguous()
+        qweight = unblock_rows(self.packed, K).view(torch.int32).t().contiguous()
         zc = (z - 1).to(torch.uint8)
         qzeros = (zc[:, 0::2] | (zc[:, 1::2] << 4)).flatten().view(torch.int32).reshape(-1, N // 8)
         return qweight, qzeros, self.scales.clone()

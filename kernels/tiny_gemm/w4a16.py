@@ -38,7 +38,8 @@ operands (``_unpack_asm``) and removes the offset with the zero point, by the ze
 The M = 1 path (block_m = 1, no tensor cores) uses the fp32 pattern 1 + q / 16 instead; see
 ``_mac_tile``.
 Tiles never straddle a group (BLOCK_K divides the group size), so scales are applied once per
-tile on [BLOCK_M, BLOCK_N] instead of once per weight.
+tile on [BLOCK_M, BLOCK_N] instead of once per weight, nor a 128-code K-block of the packed
+layout (quant.py), so the weight bytes of one tile and K-step are one contiguous run.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ import triton
 import triton.language as tl
 
 from ._checks import BACKENDS, check_out as _check_out, interpreting as _interpreting, use_triton as _use_triton
-from .quant import Int4Weight, _require, dequantize_float
+from .quant import BLOCK_BYTES, K_BLOCK, Int4Weight, _require, dequantize_float
 
 DECOMPOSITIONS = ("dp", "splitk", "streamk")
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -115,36 +116,24 @@ def _unpack_asm(p, MAGIC: tl.constexpr):
 
 @triton.jit
 def _w_offset(it, stride_wb, HALF_K: tl.constexpr, W_BLOCK: tl.constexpr):
-    """Offset of K-iteration it's first packed byte in column 0: it * HALF_K in the row-major
-    layout (W_BLOCK == 0); in the K-blocked one, its block's start plus its place in the
-    block (written with the iteration index, so Triton sees it is a multiple of HALF_K)."""
-    if W_BLOCK == 0:
-        return it * HALF_K
-    else:
-        PER: tl.constexpr = W_BLOCK // HALF_K
-        return (it // PER) * stride_wb + (it % PER) * HALF_K
-
-
-@triton.jit
-def _k_ok(offs_r, room, W_BLOCK: tl.constexpr):
-    """The K mask of a weight tile: bytes within the row (row-major layout); all of them in
-    the K-blocked one, which is zero-padded to whole blocks."""
-    if W_BLOCK == 0:
-        return offs_r[:, None] < room
-    else:
-        return offs_r[:, None] < offs_r.shape[0]
+    """Offset of K-iteration it's first packed byte in column 0 of the K-blocked layout: its
+    block's start plus its place in the block (written with the iteration index, so that
+    Triton sees a multiple of HALF_K and vectorizes the loads)."""
+    PER: tl.constexpr = W_BLOCK // HALF_K
+    return (it // PER) * stride_wb + (it % PER) * HALF_K
 
 
 @triton.jit
 def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
-              M, N, K, group_size, stride_xm, stride_wn, stride_wb, W_BLOCK: tl.constexpr,
+              M, N, K, group_size, stride_xm, stride_wb, W_BLOCK: tl.constexpr,
               MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
               ABLATE_DEQUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               INTERPRET: tl.constexpr):
     """acc += x[tile rows, K-iterations it_lo..it_hi) @ W[same K, tile cols], fp32.
 
-    The tile is read as p[r, n] = packed[n, k0 / 2 + r], BLOCK_K / 2 bytes along K for each
-    of BLOCK_N columns: byte r holds k = 2r (low nibble) and k = 2r + 1 (high nibble), so
+    The tile is read as p[r, n] = packed[k0 // 128, n, k0 % 128 / 2 + r], BLOCK_K / 2 bytes
+    along K for each of BLOCK_N columns, one contiguous run of BLOCK_N * 64 bytes when
+    BLOCK_K = 128: byte r holds k = k0 + 2r (low nibble) and k0 + 2r + 1 (high nibble), so
     x @ W = x[:, even k] @ W_lo + x[:, odd k] @ W_hi: two dots and no interleaving of the
     unpacked codes (a join/permute/reshape interleave ran 2x slower on an H200).
 
@@ -168,17 +157,11 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
     offs_r = tl.arange(0, HALF_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    # W_BLOCK == 0: packed is [N, ceil(K/2)], contiguous, so its row stride is also the bytes
-    # per row, the bound of the K masks (stated that way so that Triton sees the bound's
-    # divisibility and vectorizes the loads). W_BLOCK > 0: packed is [K/2 / W_BLOCK, N,
-    # W_BLOCK] (stride_wb between K-blocks), zero-padded along K, so a tile's bytes are one
-    # contiguous run and need no K mask (x is masked, so padded codes add nothing).
-    packed_k = stride_wn
+    # packed is [ceil(K / 2 / W_BLOCK), N, W_BLOCK], stride_wb bytes between K-blocks and zero-padded
+    # along K, so a tile's bytes of one K-step are one contiguous run and need no K mask
+    # (x is masked, so the padded codes add nothing)
     x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]
-    if W_BLOCK == 0:
-        w_ptrs = w_ptr + offs_n[None, :] * stride_wn + offs_r[:, None]
-    else:
-        w_ptrs = w_ptr + offs_n[None, :] * W_BLOCK + offs_r[:, None]
+    w_ptrs = w_ptr + offs_n[None, :] * W_BLOCK + offs_r[:, None]
     # Loads that do not feed tl.dot are not pipelined by Triton, so the next iteration's are
     # issued before this one's math by hand: its group's scales and zeros (a DRAM latency per
     # iteration otherwise: ~20% of the time at M = 1, K 8192, N 28672 on an H200, see
@@ -189,9 +172,8 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
     z_next = tl.load(z_ptr + g0 * N + offs_n, mask=mask_n & (it_lo < it_hi), other=0)
     if BLOCK_M == 1:
         acc2 = tl.zeros((HALF_K, BLOCK_N), tl.float32)
-        r0 = it_lo * HALF_K
-        p_next = tl.load(w_ptrs + _w_offset(it_lo, stride_wb, HALF_K, W_BLOCK), mask=_k_ok(offs_r, packed_k - r0, W_BLOCK) & mask_n[None, :]
-                         & (it_lo < it_hi), other=0)
+        p_next = tl.load(w_ptrs + _w_offset(it_lo, stride_wb, HALF_K, W_BLOCK),
+                         mask=mask_n[None, :] & (it_lo < it_hi), other=0)
         x_next = tl.load(x_ptrs + it_lo * BLOCK_K, mask=mask_m[:, None] & (offs_k[None, :] < K - it_lo * BLOCK_K)
                          & (it_lo < it_hi), other=0.0)
     for it in range(it_lo, it_hi):
@@ -205,14 +187,12 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
         if BLOCK_M == 1:
             p = p_next
             x = x_next
-            r1 = k0 // 2 + HALF_K
-            p_next = tl.load(w_ptrs + _w_offset(it + 1, stride_wb, HALF_K, W_BLOCK), mask=_k_ok(offs_r, packed_k - r1, W_BLOCK) & mask_n[None, :] & more,
+            p_next = tl.load(w_ptrs + _w_offset(it + 1, stride_wb, HALF_K, W_BLOCK), mask=mask_n[None, :] & more,
                              other=0)
             x_next = tl.load(x_ptrs + k0 + BLOCK_K,
                              mask=mask_m[:, None] & (offs_k[None, :] < K - k0 - BLOCK_K) & more, other=0.0)
         else:
-            r0 = k0 // 2
-            p = tl.load(w_ptrs + _w_offset(it, stride_wb, HALF_K, W_BLOCK), mask=_k_ok(offs_r, packed_k - r0, W_BLOCK) & mask_n[None, :], other=0)
+            p = tl.load(w_ptrs + _w_offset(it, stride_wb, HALF_K, W_BLOCK), mask=mask_n[None, :], other=0)
             # one contiguous load of x, split into even and odd k in registers
             x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
         xe, xo = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
@@ -316,8 +296,9 @@ def _w4a16_dp_kernel(
         x_ptr, w_ptr, s_ptr, z_ptr, out_ptr,
         # sizes
         M, N, K, group_size,
-        # strides (packed is [N, ceil(K/2)] with row stride stride_wn; scales, zeros [K/G, N])
-        stride_xm, stride_wn, stride_wb, stride_om,
+        # strides (packed is [ceil(K/2/W_BLOCK), N, W_BLOCK], stride_wb between its K-blocks;
+        # scales, zeros [K/G, N])
+        stride_xm, stride_wb, stride_om,
         # meta-parameters
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
         ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr, W_BLOCK: tl.constexpr,
@@ -325,7 +306,7 @@ def _w4a16_dp_kernel(
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, 0, tl.cdiv(K, BLOCK_K),
-                    M, N, K, group_size, stride_xm, stride_wn, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
+                    M, N, K, group_size, stride_xm, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
                     INTERPRET)
     _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
 
@@ -337,7 +318,7 @@ def _w4a16_splitk_kernel(
         # sizes
         M, N, K, group_size,
         # strides
-        stride_xm, stride_wn, stride_wb, stride_om,
+        stride_xm, stride_wb, stride_om,
         # decomposition: each of the n_splits programs of a tile owns iters_per_split K-iterations
         iters_per_split, n_splits,
         # meta-parameters
@@ -352,7 +333,7 @@ def _w4a16_splitk_kernel(
     it_hi = min(it_lo + iters_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
-                    M, N, K, group_size, stride_xm, stride_wn, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
+                    M, N, K, group_size, stride_xm, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
                     INTERPRET)
     _reduce_partial(acc, tile_id, split, n_splits, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
                     M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET)
@@ -372,7 +353,7 @@ def _w4a16_streamk_kernel(
         # sizes
         M, N, K, group_size,
         # strides
-        stride_xm, stride_wn, stride_wb, stride_om,
+        stride_xm, stride_wb, stride_om,
         # decomposition: total = q * P + r iterations; program p owns q (+1 if p < r) of them
         q, r, slots,
         # meta-parameters
@@ -393,7 +374,7 @@ def _w4a16_streamk_kernel(
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, k_lo, k_hi,
-                        M, N, K, group_size, stride_xm, stride_wn, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
+                        M, N, K, group_size, stride_xm, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
                         INTERPRET)
         if (k_lo == 0) & (k_hi == k_iters):
             _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
@@ -413,7 +394,8 @@ def _w4a16_streamk_kernel(
 class W4A16Config:
     """Launch configuration. block_m = 1 selects the FMA path (one activation row per
     program, no tensor cores); ``split_k`` is read by splitk, ``programs`` by streamk
-    (0: one per SM); block_k is clamped to the group size."""
+    (0: one per SM); block_k is clamped to the group size and to the packed layout's
+    K-block of 128."""
 
     decomposition: str = "dp"
     block_m: int = 16
@@ -558,7 +540,8 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
     M, K = x2.shape
     N = qw.out_features
     G = qw.group_size
-    bk = cfg.block_k if G >= K else min(cfg.block_k, G)   # a tile never straddles a group
+    # a tile never straddles a group nor a K-block of the packed layout
+    bk = min(cfg.block_k, K_BLOCK) if G >= K else min(cfg.block_k, G, K_BLOCK)
     bm, bn = cfg.block_m, cfg.block_n
     magic, offset = _MAGIC[x2.dtype]
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
@@ -566,16 +549,12 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
     common = dict(MAGIC=magic, MAGIC_OFFSET=offset, ZERO_INT=qw.zeros.dtype == torch.int8,
                   ABLATE_DEQUANT=ablate_dequant,
                   INTERPRET=_interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                  GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    packed = qw.packed
-    if packed.dim() == 2:    # [N, ceil(K/2)], row-major
-        w_block, stride_wn, stride_wb = 0, packed.stride(0), 0
-    else:                    # [K/2 / W_BLOCK, N, W_BLOCK], K-blocked
-        w_block, stride_wn, stride_wb = packed.shape[2], packed.stride(1), packed.stride(0)
-        assert w_block % (bk // 2) == 0, "a tile must not straddle a K-block"
-    common["W_BLOCK"] = w_block
-    args = (x2, packed, qw.scales, qw.zeros, out2)
-    sizes = (M, N, K, G, x2.stride(0), stride_wn, stride_wb, out2.stride(0))
+                  GROUP_M=cfg.group_m, W_BLOCK=BLOCK_BYTES, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    args = (x2, qw.packed, qw.scales, qw.zeros, out2)
+    # packed [ceil(K / 128), N, 64]: 64 bytes of a column per K-block, stride(0) between
+    # blocks (the whole weight's N * 64 for the parts of Int4Weight.split)
+    sizes = (M, N, K, G, x2.stride(0), qw.packed.stride(0), out2.stride(0))
     if cfg.decomposition == "dp":
         return _w4a16_dp_kernel[(tiles,)](*args, *sizes, **common)
 
