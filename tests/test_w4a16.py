@@ -210,6 +210,25 @@ def test_bad_tensors():
         W4A16Config("auto")
 
 
+def test_too_large_for_32_bit_offsets():
+    """A weight whose packed codes span 2^31 bytes or more is refused before any launch (meta
+    tensors: nothing is allocated)."""
+    from tiny_gemm import Int4Weight
+    N, K = 2**17, 2**15                     # 2 GiB of codes
+    meta = dict(device="meta")
+    qw = Int4Weight(torch.empty(K // 128, N, 64, dtype=torch.uint8, **meta),
+                    torch.empty(K // 128, N, dtype=torch.float16, **meta),
+                    torch.empty(K // 128, N, dtype=torch.int8, **meta), 128, (N, K))
+    x = torch.empty(1, K, dtype=torch.float16, **meta)
+    with pytest.raises(ValueError, match="2\\^31"):
+        w4a16_matmul(x, qw, backend="triton")
+    small = Int4Weight(torch.empty(1, 8, 64, dtype=torch.uint8, **meta),
+                       torch.empty(1, 8, dtype=torch.float16, **meta),
+                       torch.empty(1, 8, dtype=torch.int8, **meta), 128, (8, 128))
+    with pytest.raises(ValueError, match="2\\^31"):
+        w4a16_matmul(torch.empty(2**24, 128, dtype=torch.float16, **meta), small, backend="triton")
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs tensors on two devices")
 def test_devices_differ():
     x, qw = _qw()

@@ -627,6 +627,13 @@ def w4a16_matmul(x: torch.Tensor, qw: Int4Weight, decomposition: str = "auto",
         out.copy_(w4a16_reference(x, qw, torch.float32).to(x.dtype))
         return out
 
+    # the kernels address the weight and the activations with 32-bit offsets
+    span = (qw.packed.shape[0] - 1) * qw.packed.stride(0) + qw.packed.shape[1] * qw.packed.stride(1)
+    _require(span < 2**31, ValueError,
+             f"qw's packed codes span {span} bytes; the Triton kernels address at most 2^31 - 1 "
+             "(quantize it as several weights of fewer rows)")
+    _require(M * K < 2**31 and M * N < 2**31, ValueError,
+             f"x [{M}, {K}] or the output [{M}, {N}] has 2^31 or more elements; split the batch")
     x2 = x.reshape(M, K)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
