@@ -29,6 +29,7 @@ import triton.language as tl
 
 from ._checks import interpreting as _interpreting
 from .quant import BLOCK_BYTES, K_BLOCK, Int4Weight, _require
+from .w4a16 import _w_offset
 
 # values of k per tile (at most; a tile never straddles a group nor a K-block) and outputs per program
 _MAX_BLOCK_K = K_BLOCK
@@ -55,10 +56,9 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wb, group_size,
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    PER: tl.constexpr = W_BLOCK // HALF_K                     # tiles per K-block
     mask_n = offs_n < N
     rows = offs_n.to(tl.int64)
-    base = (pid_k // PER).to(tl.int64) * stride_wb + (pid_k % PER) * HALF_K
+    base = _w_offset(pid_k.to(tl.int64), stride_wb, HALF_K, W_BLOCK)   # the GEMM's addressing
     p = tl.load(w_ptr + base + rows[:, None] * W_BLOCK + tl.arange(0, HALF_K)[None, :],
                 mask=mask_n[:, None], other=0)
     g = (pid_k * BLOCK_K) // group_size                      # the tile's group
