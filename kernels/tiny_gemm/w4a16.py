@@ -11,8 +11,8 @@ and in how partial tiles are reduced:
 
 Reduction of partial tiles (``_reduce_partial``), the same for SplitK and StreamK: each
 contributor writes its fp32 partial to its own slot, fences, then takes a ticket from a
-per-tile counter; the one that draws the last ticket sums the slots in K order, writes the
-tile and resets the counter. Nobody waits on anybody, so it also runs under
+per-tile counter; the one that draws the last ticket sums the slots in K order (loading a
+few slots at once, so their L2 round trips overlap), writes the tile and resets the counter. Nobody waits on anybody, so it also runs under
 TRITON_INTERPRET=1, where programs run one after the other, and the sum has one order, so
 every decomposition is bitwise reproducible on a given GPU and configuration. (The SplitK
 paper's fp32 atomic adds into one accumulator gave wrong rows at M = 16 on an H200 in our
@@ -265,7 +265,7 @@ def _fence_gpu(NUM_THREADS: tl.constexpr, INTERPRET: tl.constexpr):
 def _reduce_partial(acc, tile_id, j, n_parts, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
                     M, N, stride_om, SLOTS,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_THREADS: tl.constexpr,
-                    INTERPRET: tl.constexpr):
+                    INTERPRET: tl.constexpr, UNROLL: tl.constexpr = 4):
     """Contributor j of n_parts to tile tile_id writes its slot; the last to arrive sums the
     slots in K order and writes the tile.
 
@@ -283,9 +283,12 @@ def _reduce_partial(acc, tile_id, j, n_parts, pid_m, pid_n, out_ptr, ws_ptr, loc
     if ticket == n_parts - 1:
         _fence_gpu(NUM_THREADS, INTERPRET)
         total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
-        for i in range(0, n_parts):   # K order, whatever the arrival order
-            total += tl.load(ws_ptr + (tile_id * SLOTS + i) * TILE + offs, mask=rows, other=0.0,
-                             cache_modifier=".cg")
+        # K order, whatever the arrival order; UNROLL slots are loaded before they are added,
+        # so their L2 round trips overlap (one at a time, n_parts of them ended every tile)
+        for i0 in range(0, n_parts, UNROLL):
+            for u in tl.static_range(UNROLL):
+                total += tl.load(ws_ptr + (tile_id * SLOTS + i0 + u) * TILE + offs,
+                                 mask=rows & (i0 + u < n_parts), other=0.0, cache_modifier=".cg")
         _store_tile(out_ptr, total, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
         tl.store(lock_ptr + tile_id, 0)
 
@@ -325,7 +328,7 @@ def _w4a16_splitk_kernel(
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
         ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr, W_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        NUM_THREADS: tl.constexpr):
+        NUM_THREADS: tl.constexpr, REDUCE_UNROLL: tl.constexpr):
     tile_id = tl.program_id(0)
     split = tl.program_id(1)
     pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -336,7 +339,7 @@ def _w4a16_splitk_kernel(
                     M, N, K, group_size, stride_xm, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
                     INTERPRET)
     _reduce_partial(acc, tile_id, split, n_splits, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
-                    M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET)
+                    M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET, REDUCE_UNROLL)
 
 
 @triton.jit
@@ -360,7 +363,7 @@ def _w4a16_streamk_kernel(
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
         ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr, W_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        NUM_THREADS: tl.constexpr):
+        NUM_THREADS: tl.constexpr, REDUCE_UNROLL: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -383,7 +386,7 @@ def _w4a16_streamk_kernel(
             last = _streamk_owner(tile_id * k_iters + k_iters - 1, q, r)
             _reduce_partial(acc, tile_id, pid - first, last - first + 1, pid_m, pid_n,
                             out_ptr, ws_ptr, lock_ptr, M, N, stride_om, slots,
-                            BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET)
+                            BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET, REDUCE_UNROLL)
         it += k_hi - k_lo
 
 
@@ -532,6 +535,13 @@ def w4a16_reference(x: torch.Tensor, qw: Int4Weight, dtype: torch.dtype = torch.
     return (x.to(dtype) @ w.t())
 
 
+def _reduce_unroll(block_m: int, block_n: int, num_warps: int) -> int:
+    """Partial slots the last contributor of a tile loads at once: up to 8, at most 64 fp32
+    registers per thread of loaded slots."""
+    per_thread = max(1, block_m * block_n // (32 * num_warps))
+    return max(1, min(8, 64 // per_thread))
+
+
 def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Config,
             ablate_dequant: bool = False):
     """Launch one kernel; returns Triton's handle of the compiled kernel (for inspection).
@@ -574,11 +584,10 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
     ws = torch.empty(tiles * slots * bm * bn, dtype=torch.float32, device=x2.device)
     if POISON_WORKSPACE:
         ws.fill_(float("nan"))
+    common.update(NUM_THREADS=32 * cfg.num_warps, REDUCE_UNROLL=_reduce_unroll(bm, bn, cfg.num_warps))
     if cfg.decomposition == "splitk":
-        return _w4a16_splitk_kernel[grid](*args, ws, locks, *sizes, per, parts,
-                                          NUM_THREADS=32 * cfg.num_warps, **common)
-    return _w4a16_streamk_kernel[grid](*args, ws, locks, *sizes, q, r, slots,
-                                       NUM_THREADS=32 * cfg.num_warps, **common)
+        return _w4a16_splitk_kernel[grid](*args, ws, locks, *sizes, per, parts, **common)
+    return _w4a16_streamk_kernel[grid](*args, ws, locks, *sizes, q, r, slots, **common)
 
 
 def w4a16_matmul(x: torch.Tensor, qw: Int4Weight, decomposition: str = "auto",
