@@ -68,7 +68,7 @@ def compile_offline(cfg: W4A16Config, dtype: str = "fp16", zero_int: bool = True
     constexprs = dict(MAGIC=magic, MAGIC_OFFSET=offset, ZERO_INT=zero_int, ABLATE_DEQUANT=False,
                       INTERPRET=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
                       GROUP_M=cfg.group_m, NUM_THREADS=32 * cfg.num_warps, W_BLOCK=W.BLOCK_BYTES,
-                      REDUCE_UNROLL=W._reduce_unroll(cfg.block_m, cfg.block_n, cfg.num_warps))
+                      REDUCE_UNROLL=W._reduce_unroll(cfg.decomposition, cfg.block_m, cfg.block_n, cfg.num_warps))
     ptrs = {"x_ptr": f"*{dtype}", "w_ptr": "*u8", "s_ptr": f"*{dtype}", "z_ptr": "*i8" if zero_int else f"*{dtype}",
             "out_ptr": f"*{dtype}", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     names = fn.arg_names

@@ -284,7 +284,7 @@ def _reduce_partial(acc, tile_id, j, n_parts, pid_m, pid_n, out_ptr, ws_ptr, loc
         _fence_gpu(NUM_THREADS, INTERPRET)
         total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         # K order, whatever the arrival order; UNROLL slots are loaded before they are added,
-        # so their L2 round trips overlap (one at a time, n_parts of them ended every tile)
+        # so their L2 round trips overlap (one slot at a time, n_parts round trips ended the tile)
         for i0 in range(0, n_parts, UNROLL):
             for u in tl.static_range(UNROLL):
                 total += tl.load(ws_ptr + (tile_id * SLOTS + i0 + u) * TILE + offs,
@@ -535,11 +535,18 @@ def w4a16_reference(x: torch.Tensor, qw: Int4Weight, dtype: torch.dtype = torch.
     return (x.to(dtype) @ w.t())
 
 
-def _reduce_unroll(block_m: int, block_n: int, num_warps: int) -> int:
-    """Partial slots the last contributor of a tile loads at once: up to 8, at most 64 fp32
-    registers per thread of loaded slots."""
+def _reduce_unroll(decomposition: str, block_m: int, block_n: int, num_warps: int) -> int:
+    """Partial slots the last contributor of a tile loads at once. Measured on an H200
+    against one at a time (results/nvidia_h200/scratch/reduce_ab.txt, 1, 2, 4 and 8 slots on
+    every tuned config): SplitK ran fastest with 8 (up to 11% less time, K 11008, N 4096), or
+    4 where a slot is 32 fp32 values per thread (8 was then up to 5% slower than 1); the
+    1-row FMA tiles were 1-3% faster still with 4 than with 8. StreamK, whose tiles have two
+    or three contributors, gained only with 8 (2 and 4 were up to 8% slower than 1 on its
+    256-wide tiles)."""
+    if decomposition == "streamk":
+        return 8
     per_thread = max(1, block_m * block_n // (32 * num_warps))
-    return max(1, min(8, 64 // per_thread))
+    return max(1, min(8, 128 // per_thread))
 
 
 def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Config,
@@ -584,7 +591,7 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
     ws = torch.empty(tiles * slots * bm * bn, dtype=torch.float32, device=x2.device)
     if POISON_WORKSPACE:
         ws.fill_(float("nan"))
-    common.update(NUM_THREADS=32 * cfg.num_warps, REDUCE_UNROLL=_reduce_unroll(bm, bn, cfg.num_warps))
+    common.update(NUM_THREADS=32 * cfg.num_warps, REDUCE_UNROLL=_reduce_unroll(cfg.decomposition, bm, bn, cfg.num_warps))
     if cfg.decomposition == "splitk":
         return _w4a16_splitk_kernel[grid](*args, ws, locks, *sizes, per, parts, **common)
     return _w4a16_streamk_kernel[grid](*args, ws, locks, *sizes, q, r, slots, **common)

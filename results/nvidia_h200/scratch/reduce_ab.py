@@ -1,7 +1,8 @@
 """Scratch: the SplitK/StreamK reduction tail, with the last contributor loading one partial
 slot at a time (REDUCE_UNROLL = 1, the loop before f7a9f6d: one L2 round trip per slot)
 against 2, 4 and 8 slots at once, on each shape's tuned config (and StreamK beside SplitK),
-rounds interleaved, tinygemm beside them. "rule" is what w4a16._reduce_unroll picks. The
+rounds interleaved, tinygemm beside them. "rule" is what w4a16._reduce_unroll picked when it ran (the rule
+before the one it led to: 8, at most 64 fp32 registers per thread of loaded slots). The
 results are bitwise equal (same K-order sum); checked.
 Run: PYTHONPATH=kernels:experiments python reduce_ab.py"""
 import statistics
@@ -56,7 +57,7 @@ for K, N in SHAPES:
                     times[tag].append(timing.time_graph(fns[tag], replays=15)["median_us"])
             W._reduce_unroll = AUTO
             med = {k: statistics.median(v) for k, v in times.items()}
-            rule = AUTO(cfg.block_m, cfg.block_n, cfg.num_warps)
+            rule = AUTO(cfg.decomposition, cfg.block_m, cfg.block_n, cfg.num_warps)
             c = f"{dec[:4]}:{cfg.decomposition} m{cfg.block_m} n{cfg.block_n} w{cfg.num_warps} k{cfg.split_k} rule {rule}"
             print(f"{M:>2} {K:>5} {N:>5}  {c:38}" + "".join(f" {med[u]:7.2f}" for u in UNROLLS)
                   + "".join(f" {med[u] / med[1]:5.3f}" for u in UNROLLS[1:])
