@@ -144,9 +144,9 @@ def test_ncu_rows_without_ncu():
 def test_run_experiment_rows_without_gpu(monkeypatch):
     """The runner's rows with bench_w4a16's measurement faked and ncu off: every row has the
     CSV's columns, bench rows their bytes and achieved bandwidth, ncu a note."""
-    from hydra import compose, initialize_config_dir
-    with initialize_config_dir(version_base=None, config_dir=str(ROOT / "conf")):
-        cfg = compose(config_name="config", overrides=["experiment=roofline", "experiment.ncu=off"])
+    hydra = pytest.importorskip("hydra")
+    with hydra.initialize_config_dir(version_base=None, config_dir=str(ROOT / "conf")):
+        cfg = hydra.compose(config_name="config", overrides=["experiment=roofline", "experiment.ncu=off"])
     bandwidth = 4e12
 
     def fake_bench_shape(K, N, Ms, bw, replays, with_gemlite, experiment, names):
