@@ -12,12 +12,12 @@ and in how partial tiles are reduced:
 Reduction of partial tiles (``_reduce_partial``), the same for SplitK and StreamK: each
 contributor writes its fp32 partial to its own slot, fences, then takes a ticket from a
 per-tile counter; the one that draws the last ticket sums the slots in K order (loading a
-few slots at once, so their L2 round trips overlap), writes the tile and resets the counter. Nobody waits on anybody, so it also runs under
-TRITON_INTERPRET=1, where programs run one after the other, and the sum has one order, so
-every decomposition is bitwise reproducible on a given GPU and configuration. (The SplitK
-paper's fp32 atomic adds into one accumulator gave wrong rows at M = 16 on an H200 in our
-first version and were removed; the ordered sum moves tiles x splits x BLOCK_M x BLOCK_N x 8
-bytes, a few hundred KB at decode sizes.)
+few slots at once, so their L2 round trips overlap), writes the tile and resets the counter.
+Nobody waits on anybody, so it also runs under TRITON_INTERPRET=1, where programs run one
+after the other, and the sum has one order, so every decomposition is bitwise reproducible
+on a given GPU and configuration. (The SplitK paper's fp32 atomic adds into one accumulator
+gave wrong rows at M = 16 on an H200 in our first version and were removed; the ordered sum
+moves tiles x splits x BLOCK_M x BLOCK_N x 8 bytes, a few hundred KB at decode sizes.)
 
 The counters are zero at rest (the last contributor resets its tile's), so they are cached
 per device and need no memset per call. Calls that run concurrently on different streams of
@@ -267,7 +267,8 @@ def _reduce_partial(acc, tile_id, j, n_parts, pid_m, pid_n, out_ptr, ws_ptr, loc
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_THREADS: tl.constexpr,
                     INTERPRET: tl.constexpr, UNROLL: tl.constexpr = 4):
     """Contributor j of n_parts to tile tile_id writes its slot; the last to arrive sums the
-    slots in K order and writes the tile.
+    slots in K order, UNROLL at a time, and writes the tile (the W4A16 kernels pass
+    _reduce_unroll's choice; fused_ffn's full-fusion path keeps the default).
 
     Only the tile's rows below M move through the workspace: at M = 1 with 16-row tensor-core
     tiles the other 15 rows are padding, and writing them made the partials 16x larger (3.7 MB
@@ -591,7 +592,8 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
     ws = torch.empty(tiles * slots * bm * bn, dtype=torch.float32, device=x2.device)
     if POISON_WORKSPACE:
         ws.fill_(float("nan"))
-    common.update(NUM_THREADS=32 * cfg.num_warps, REDUCE_UNROLL=_reduce_unroll(cfg.decomposition, bm, bn, cfg.num_warps))
+    common.update(NUM_THREADS=32 * cfg.num_warps,
+                  REDUCE_UNROLL=_reduce_unroll(cfg.decomposition, bm, bn, cfg.num_warps))
     if cfg.decomposition == "splitk":
         return _w4a16_splitk_kernel[grid](*args, ws, locks, *sizes, per, parts, **common)
     return _w4a16_streamk_kernel[grid](*args, ws, locks, *sizes, q, r, slots, **common)
