@@ -53,14 +53,15 @@ unit: $(ENV) ## the test suite only (interpreter on CPU; GPU tests too where CUD
 	  TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 -p no:warnings tests $(PYTEST_ARGS); \
 	fi
 
+# FORCE=1 (bench, experiments) replaces existing results of this GPU; else new ones are
+# written beside them, timestamped
+FORCE       ?=
 bench: $(ENV) ## time W4A16 against cuBLAS FP16 and tinygemm on this GPU -> results/<gpu>/
-	$(PY) experiments/bench_w4a16.py
+	$(PY) experiments/bench_w4a16.py $(if $(FORCE),--force)
 
-# each experiment runs on its config's shape family unless SHAPES names one; FORCE=1 replaces
-# existing results of this GPU (else new ones are written beside them, timestamped)
+# each experiment runs on its config's shape family unless SHAPES names one
 EXPERIMENTS ?= int4_vs_fp16 splitk_vs_dp dequant_breakdown roofline attention_fusion ffn_fusion
 SHAPES      ?=
-FORCE       ?=
 experiments: $(ENV) ## run the Hydra experiments (EXPERIMENTS=..., SHAPES=...) -> results/<gpu>/
 	@if [ "$(HAS_GPU)" != "1" ]; then echo "no CUDA GPU: experiments skipped; the committed results are in results/"; \
 	else for e in $(EXPERIMENTS); do $(PY) experiments/run.py experiment=$$e $(if $(SHAPES),shapes=$(SHAPES)) $(if $(FORCE),force=true) || exit 1; done; fi
