@@ -105,7 +105,6 @@ class FfnWeights:
         n16 = timing.rotations(sum(w.numel() * w.element_size() for w in w16))
         self.fp16 = [w16] + [tuple(w.clone() for w in w16) for _ in range(n16 - 1)]
 
-
     @property
     def int4_joined(self) -> list[tuple[Int4Weight, Int4Weight, Int4Weight]]:
         """int4 with gate and up of each copy stored as one weight and split into its two

@@ -64,11 +64,8 @@ def compile_offline(cfg: W4A16Config, dtype: str = "fp16", zero_int: bool = True
     from tiny_gemm import w4a16 as W
     fn = {"dp": W._w4a16_dp_kernel, "splitk": W._w4a16_splitk_kernel,
           "streamk": W._w4a16_streamk_kernel}[cfg.decomposition]
-    magic, offset = (0x6400, 1024.0) if dtype == "fp16" else (0x4300, 128.0)
-    constexprs = dict(MAGIC=magic, MAGIC_OFFSET=offset, ZERO_INT=zero_int, ABLATE_DEQUANT=False,
-                      INTERPRET=False, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                      GROUP_M=cfg.group_m, NUM_THREADS=32 * cfg.num_warps, W_BLOCK=W.BLOCK_BYTES,
-                      REDUCE_UNROLL=W._reduce_unroll(cfg.decomposition, cfg.block_m, cfg.block_n, cfg.num_warps))
+    act = torch.float16 if dtype == "fp16" else torch.bfloat16
+    constexprs = W._kernel_meta(cfg, act, zero_int, min(cfg.block_k, W.K_BLOCK))
     ptrs = {"x_ptr": f"*{dtype}", "w_ptr": "*u8", "s_ptr": f"*{dtype}", "z_ptr": "*i8" if zero_int else f"*{dtype}",
             "out_ptr": f"*{dtype}", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
     names = fn.arg_names

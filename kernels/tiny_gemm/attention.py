@@ -56,7 +56,7 @@ import triton.language as tl
 
 from ._checks import check_out as _check_out, interpreting as _interpreting, use_triton as _use_triton
 from .quant import _require
-from .w4a16 import _fence_gpu, _tile_locks
+from .w4a16 import _last_to_arrive, _tile_locks
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -265,13 +265,9 @@ def _decode_split_kernel(
                  mask=row_ok[:, None])
         tl.store(part_lse_ptr + slot, m_i + tl.math.log2(l_i), mask=row_ok)
         # the splits that hold keys take a ticket each (the others returned above); the last
-        # one combines. Partials are visible GPU-wide before the ticket (w4a16's reduction).
+        # one combines (w4a16's ticket protocol)
         n_valid = tl.cdiv(seqlen, chunk)
-        _fence_gpu(NUM_THREADS, INTERPRET)
-        tl.debug_barrier()
-        ticket = tl.atomic_add(lock_ptr + pid, 1, sem="acq_rel")
-        if ticket == n_valid - 1:
-            _fence_gpu(NUM_THREADS, INTERPRET)
+        if _last_to_arrive(lock_ptr, pid, n_valid, NUM_THREADS, INTERPRET):
             _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, b64, hk * kv_group, kv_group, H,
                             num_splits, n_valid, stride_ob, stride_oh, stride_od,
                             HEAD_DIM, BLOCK_G, BLOCK_S)

@@ -22,7 +22,6 @@ is one cvt.rn.bf16.f32.
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

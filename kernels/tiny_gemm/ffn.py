@@ -47,7 +47,6 @@ weights, fusion "auto") are registered on import, for torch.compile and CUDA gra
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as tnf
 import triton

@@ -262,6 +262,22 @@ def _fence_gpu(NUM_THREADS: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
+def _last_to_arrive(lock_ptr, idx, n_parts, NUM_THREADS: tl.constexpr, INTERPRET: tl.constexpr):
+    """The ticket protocol of every in-kernel reduction (w4a16's partial tiles, decode
+    attention's splits): called by each of n_parts contributors right after it stored its
+    partial; true for the one that draws the last ticket of counter idx, which is then fenced
+    so that it sees every partial, and must reset the counter to 0 once done."""
+    # every thread's partial is visible GPU-wide before one thread takes a ticket
+    _fence_gpu(NUM_THREADS, INTERPRET)
+    tl.debug_barrier()
+    ticket = tl.atomic_add(lock_ptr + idx, 1, sem="acq_rel")
+    last = ticket == n_parts - 1
+    if last:
+        _fence_gpu(NUM_THREADS, INTERPRET)
+    return last
+
+
+@triton.jit
 def _reduce_partial(acc, tile_id, j, n_parts, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
                     M, N, stride_om, SLOTS,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_THREADS: tl.constexpr,
@@ -277,12 +293,7 @@ def _reduce_partial(acc, tile_id, j, n_parts, pid_m, pid_n, out_ptr, ws_ptr, loc
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] < M
     tl.store(ws_ptr + (tile_id * SLOTS + j) * TILE + offs, acc, mask=rows)
-    # every thread's partial is visible GPU-wide before one thread takes a ticket
-    _fence_gpu(NUM_THREADS, INTERPRET)
-    tl.debug_barrier()
-    ticket = tl.atomic_add(lock_ptr + tile_id, 1, sem="acq_rel")
-    if ticket == n_parts - 1:
-        _fence_gpu(NUM_THREADS, INTERPRET)
+    if _last_to_arrive(lock_ptr, tile_id, n_parts, NUM_THREADS, INTERPRET):
         total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         # K order, whatever the arrival order; UNROLL slots are loaded before they are added,
         # so their L2 round trips overlap (one slot at a time, n_parts round trips ended the tile)
@@ -550,6 +561,21 @@ def _reduce_unroll(decomposition: str, block_m: int, block_n: int, num_warps: in
     return max(1, min(8, 128 // per_thread))
 
 
+def _kernel_meta(cfg: W4A16Config, act_dtype: torch.dtype, zero_int: bool, block_k: int,
+                 ablate_dequant: bool = False, interpret: bool = False) -> dict:
+    """The constexpr arguments of cfg's kernel for activations of act_dtype, with block_k
+    already clamped (_launch); inspect_w4a16.py compiles the kernels offline from the same."""
+    magic, offset = _MAGIC[act_dtype]
+    meta = dict(MAGIC=magic, MAGIC_OFFSET=offset, ZERO_INT=zero_int, ABLATE_DEQUANT=ablate_dequant,
+                INTERPRET=interpret, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
+                GROUP_M=cfg.group_m, W_BLOCK=BLOCK_BYTES)
+    if cfg.decomposition != "dp":   # the reduction of partial tiles
+        meta.update(NUM_THREADS=32 * cfg.num_warps,
+                    REDUCE_UNROLL=_reduce_unroll(cfg.decomposition, cfg.block_m, cfg.block_n,
+                                                 cfg.num_warps))
+    return meta
+
+
 def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Config,
             ablate_dequant: bool = False):
     """Launch one kernel; returns Triton's handle of the compiled kernel (for inspection).
@@ -561,14 +587,11 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
     # a tile never straddles a group nor a K-block of the packed layout
     bk = min(cfg.block_k, K_BLOCK) if G >= K else min(cfg.block_k, G, K_BLOCK)
     bm, bn = cfg.block_m, cfg.block_n
-    magic, offset = _MAGIC[x2.dtype]
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     k_iters = triton.cdiv(K, bk)
-    common = dict(MAGIC=magic, MAGIC_OFFSET=offset, ZERO_INT=qw.zeros.dtype == torch.int8,
-                  ABLATE_DEQUANT=ablate_dequant,
-                  INTERPRET=_interpreting(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                  GROUP_M=cfg.group_m, W_BLOCK=BLOCK_BYTES, num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
+    common = dict(_kernel_meta(cfg, x2.dtype, qw.zeros.dtype == torch.int8, bk, ablate_dequant,
+                               _interpreting()),
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     args = (x2, qw.packed, qw.scales, qw.zeros, out2)
     # packed [ceil(K / 128), N, 64]: 64 bytes of a column per K-block, stride(0) between
     # blocks (the whole weight's N * 64 for the parts of Int4Weight.split)
@@ -592,8 +615,6 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
     ws = torch.empty(tiles * slots * bm * bn, dtype=torch.float32, device=x2.device)
     if POISON_WORKSPACE:
         ws.fill_(float("nan"))
-    common.update(NUM_THREADS=32 * cfg.num_warps,
-                  REDUCE_UNROLL=_reduce_unroll(cfg.decomposition, bm, bn, cfg.num_warps))
     if cfg.decomposition == "splitk":
         return _w4a16_splitk_kernel[grid](*args, ws, locks, *sizes, per, parts, **common)
     return _w4a16_streamk_kernel[grid](*args, ws, locks, *sizes, q, r, slots, **common)
