@@ -41,11 +41,18 @@ SHAPES_DIR = Path(__file__).resolve().parents[1] / "conf" / "shapes"
 
 def config_shapes(shapes_dir: Path = SHAPES_DIR) -> tuple[tuple[int, int], ...]:
     """(K, N) of every layer of every family in conf/shapes/, each once: what the experiments
-    measure, and so what make tune covers unless --shapes says otherwise."""
+    measure, and so what make tune covers unless --shapes says otherwise. A family whose
+    gate_proj and up_proj have one shape (K, N) also gets (K, 2N): the joined gate/up weight
+    that the INT4 FFN reads with one GEMM (tiny_gemm.ffn._ffn_int4)."""
     import yaml
-    shapes = [(int(layer["K"]), int(layer["N"]))
-              for path in sorted(shapes_dir.glob("*.yaml"))
-              for layer in (yaml.safe_load(path.read_text()) or {}).get("layers") or []]
+    shapes = []
+    for path in sorted(shapes_dir.glob("*.yaml")):
+        layers = {layer["name"]: (int(layer["K"]), int(layer["N"]))
+                  for layer in (yaml.safe_load(path.read_text()) or {}).get("layers") or []}
+        shapes += layers.values()
+        gate, up = layers.get("gate_proj"), layers.get("up_proj")
+        if gate is not None and gate == up:
+            shapes.append((gate[0], 2 * gate[1]))
     return tuple(dict.fromkeys(shapes))
 
 

@@ -65,3 +65,10 @@ def test_make_tune_covers_every_shape_the_experiments_measure():
     tuned = set(config_shapes())
     for shapes in SHAPES:
         assert set(experiment_shapes(_compose([f"shapes={shapes}"]))) <= tuned, shapes
+
+
+def test_make_tune_covers_the_ffn_experiments_int4_gemms():
+    """The INT4 FFN reads gate and up as one weight of N = 2F, then the down projection."""
+    from tune_w4a16 import config_shapes
+    ffn = _compose(["experiment=ffn_fusion"]).experiment
+    assert {(ffn.D, 2 * ffn.F), (ffn.F, ffn.D)} <= set(config_shapes())
