@@ -33,16 +33,22 @@ def results_dir() -> Path:
         if not path.is_dir():
             raise FileNotFoundError(f"TINY_GEMM_RESULTS={env}: no such folder")
         return path
-    sets = [d for d in (ROOT / "results").iterdir() if d.is_dir() and any(d.glob("*.csv"))]
+    sets = results_sets()
     if not sets:
         raise FileNotFoundError("no results under results/: run `make experiments` on a GPU")
     return max(sets, key=lambda d: (len(list(d.glob("*.csv"))), _newest(d)))
 
 
-def load(name: str) -> tuple[pd.DataFrame, dict]:
-    """Rows of <name>.csv that passed their check, and the provenance beside them.
-    A JSON that holds the provenance at its top level (older runs) is wrapped the same way."""
-    d = results_dir()
+def results_sets(name: str = "*") -> list[Path]:
+    """Every results set under results/ that holds <name>.csv (by default, any CSV), by folder."""
+    return sorted(d for d in (ROOT / "results").iterdir() if d.is_dir() and any(d.glob(f"{name}.csv")))
+
+
+def load(name: str, results: Path | None = None) -> tuple[pd.DataFrame, dict]:
+    """Rows of <name>.csv that passed their check, and the provenance beside them, from the
+    results set (default: results_dir()). A JSON that holds the provenance at its top level
+    (older runs) is wrapped the same way."""
+    d = results or results_dir()
     df = pd.read_csv(d / f"{name}.csv")
     meta = json.loads((d / f"{name}.json").read_text())
     if "provenance" not in meta:
