@@ -44,6 +44,18 @@ def results_sets(name: str = "*") -> list[Path]:
     return sorted(d for d in (ROOT / "results").iterdir() if d.is_dir() and any(d.glob(f"{name}.csv")))
 
 
+def results_set_with(name: str) -> Path:
+    """The chosen results set if it holds <name>.csv, else the newest set that does (for files
+    that make experiments does not write on every GPU)."""
+    chosen = results_dir()
+    if (chosen / f"{name}.csv").exists():
+        return chosen
+    sets = results_sets(name)
+    if not sets:
+        raise FileNotFoundError(f"no {name}.csv in any results set under results/")
+    return max(sets, key=_newest)
+
+
 def load(name: str, results: Path | None = None) -> tuple[pd.DataFrame, dict]:
     """Rows of <name>.csv that passed their check, and the provenance beside them, from the
     results set (default: results_dir()). A JSON that holds the provenance at its top level
