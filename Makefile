@@ -86,7 +86,7 @@ tex: ## make sure latexmk and pdflatex exist (installs Debian's TeX when root wi
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEX_DEBS) >/dev/null; \
 	else echo "latexmk/pdflatex missing: install them, e.g. sudo apt-get install $(TEX_DEBS)"; exit 1; fi
 
-tune: $(ENV) ## search launch configs on this GPU for every shape in conf/shapes/ -> kernels/tiny_gemm/configs/<gpu>.json
+tune: $(ENV) ## search launch configs on this GPU for every shape in conf/shapes/ (and each joined gate/up) -> kernels/tiny_gemm/configs/<gpu>.json
 	$(PY) experiments/tune_w4a16.py
 
 clean: ## remove caches and build outputs (keeps .venv and results)
