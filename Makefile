@@ -28,10 +28,14 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-all: unit ## environment, tests, experiments (on a CUDA GPU), figures and the PDF
-	@if [ "$(HAS_GPU)" = "1" ]; then $(MAKE) --no-print-directory experiments || exit 1; \
-	else echo "no CUDA GPU: experiments skipped; figures and PDF from the committed results ($(or $(RESULTS),the most complete set under results/))"; fi
-	@$(MAKE) --no-print-directory paper
+# on a GPU the paper is built from this GPU's set (RESULTS=... picks another), whose newest
+# version of each file is the run just made: an existing result stays, the rerun is written
+# beside it with a timestamp, and the notebooks read the newest (FORCE=1 replaces instead)
+all: unit ## environment, tests, experiments and bench (on a CUDA GPU), figures and the PDF
+	@if [ "$(HAS_GPU)" = "1" ]; then $(MAKE) --no-print-directory experiments bench || exit 1; \
+	  $(MAKE) --no-print-directory paper RESULTS=$(or $(RESULTS),$$($(PY) -c "from tiny_gemm import timing; print(timing.results_dir())")); \
+	else echo "no CUDA GPU: experiments skipped; figures and PDF from the committed results ($(or $(RESULTS),the most complete set under results/))"; \
+	  $(MAKE) --no-print-directory paper; fi
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)

@@ -2,8 +2,13 @@
 paper quotes go, and the LaTeX macro names of those numbers.
 
 The results set is $TINY_GEMM_RESULTS (the Makefile's RESULTS=results/<gpu>), else the most
-complete set under results/ (the most result files; of equals, the one measured last), so that
+complete set under results/ (the most experiments; of equals, the one measured last), so that
 a GPU with only a bench run does not take the paper away from the set that has every experiment.
+
+In a set, a rerun that found a result in place wrote <name>.<YYYYmmddTHHMMSS>.csv beside it
+(bench_w4a16.write_results keeps the committed one unless forced). The notebooks read the
+newest version of each file by its provenance time, so that `make all` on a GPU shows what it
+has just measured, while the committed file stays as it was.
 """
 from __future__ import annotations
 
@@ -21,9 +26,38 @@ MAX_REL_ERR = 1e-2          # the bench's bound against the float64 reference
 _DIGITS = "Zero One Two Three Four Five Six Seven Eight Nine".split()
 
 
+def _time_utc(json_path: Path) -> str:
+    meta = json.loads(json_path.read_text())
+    return (meta.get("provenance") or meta).get("time_utc") or ""
+
+
 def _newest(d: Path) -> str:
-    times = [json.loads(p.read_text()).get("provenance", {}).get("time_utc") or "" for p in d.glob("*.json")]
-    return max(times, default="")
+    return max((_time_utc(p) for p in d.glob("*.json")), default="")
+
+
+_VERSION = re.compile(r"(?P<name>.+?)(\.\d{8}T\d{6})?\.csv")
+
+
+def _experiments(d: Path) -> set[str]:
+    """The result names in a set, each once however many versions it holds."""
+    return {m["name"] for p in d.glob("*.csv") if (m := _VERSION.fullmatch(p.name))}
+
+
+def has_result(name: str, results: Path | None = None) -> bool:
+    return name in _experiments(results or results_dir())
+
+
+def result_csv(name: str, results: Path | None = None) -> Path:
+    """The newest version (by provenance time) of <name>.csv in a results set (default:
+    results_dir()): the file itself or a timestamped rerun beside it."""
+    d = results or results_dir()
+    versions = [p for p in d.glob(f"{name}*.csv") if (m := _VERSION.fullmatch(p.name)) and m["name"] == name]
+    if not versions:
+        raise FileNotFoundError(f"no {name}.csv in {d}")
+    newest = max(versions, key=lambda p: (_time_utc(p.with_suffix(".json")) if p.with_suffix(".json").exists() else "", p.name))
+    if newest.name != f"{name}.csv":
+        print(f"{name}: reading {newest.name}, the newest version in {d.name}")
+    return newest
 
 
 def results_dir() -> Path:
@@ -36,19 +70,21 @@ def results_dir() -> Path:
     sets = results_sets()
     if not sets:
         raise FileNotFoundError("no results under results/: run `make experiments` on a GPU")
-    return max(sets, key=lambda d: (len(list(d.glob("*.csv"))), _newest(d)))
+    return max(sets, key=lambda d: (len(_experiments(d)), _newest(d)))
 
 
-def results_sets(name: str = "*") -> list[Path]:
-    """Every results set under results/ that holds <name>.csv (by default, any CSV), by folder."""
-    return sorted(d for d in (ROOT / "results").iterdir() if d.is_dir() and any(d.glob(f"{name}.csv")))
+def results_sets(name: str | None = None) -> list[Path]:
+    """Every results set under results/ that holds <name>.csv (any version; by default, any
+    result), by folder."""
+    return sorted(d for d in (ROOT / "results").iterdir()
+                  if d.is_dir() and (name in _experiments(d) if name else _experiments(d)))
 
 
 def results_set_with(name: str) -> Path:
     """The chosen results set if it holds <name>.csv, else the newest set that does (for files
     that make experiments does not write on every GPU)."""
     chosen = results_dir()
-    if (chosen / f"{name}.csv").exists():
+    if has_result(name, chosen):
         return chosen
     sets = results_sets(name)
     if not sets:
@@ -60,9 +96,9 @@ def load(name: str, results: Path | None = None) -> tuple[pd.DataFrame, dict]:
     """Rows of <name>.csv that passed their check, and the provenance beside them, from the
     results set (default: results_dir()). A JSON that holds the provenance at its top level
     (older runs) is wrapped the same way."""
-    d = results or results_dir()
-    df = pd.read_csv(d / f"{name}.csv")
-    meta = json.loads((d / f"{name}.json").read_text())
+    csv = result_csv(name, results)
+    df = pd.read_csv(csv)
+    meta = json.loads(csv.with_suffix(".json").read_text())
     if "provenance" not in meta:
         meta = {"provenance": meta}
     if "status" not in df.columns:      # files written before the status column: the bench's check
