@@ -70,7 +70,7 @@ experiments: $(ENV) ## run the Hydra experiments (EXPERIMENTS=..., SHAPES=...) -
 	@if [ "$(HAS_GPU)" != "1" ]; then echo "no CUDA GPU: experiments skipped; the committed results are in results/"; \
 	else for e in $(EXPERIMENTS); do $(PY) experiments/run.py experiment=$$e $(if $(SHAPES),shapes=$(SHAPES)) $(if $(FORCE),force=true) || exit 1; done; fi
 
-# RESULTS=results/<gpu> picks a results set; by default the most complete one (most CSVs, newest on a tie)
+# RESULTS=results/<gpu> picks a results set; by default the most complete one (most experiments, newest on a tie)
 RESULTS ?=
 figures: $(ENV) ## execute the notebooks on a results set -> paper/figures/, paper/generated/
 	@mkdir -p paper/build/notebooks
