@@ -26,8 +26,12 @@ MAX_REL_ERR = 1e-2          # the bench's bound against the float64 reference
 _DIGITS = "Zero One Two Three Four Five Six Seven Eight Nine".split()
 
 
-def _time_utc(json_path: Path) -> str:
-    meta = json.loads(json_path.read_text())
+def _time_utc(path: Path) -> str:
+    """The provenance time of a result (its JSON, or the JSON beside its CSV); '' without one."""
+    path = path.with_suffix(".json")
+    if not path.exists():
+        return ""
+    meta = json.loads(path.read_text())
     return (meta.get("provenance") or meta).get("time_utc") or ""
 
 
@@ -35,6 +39,7 @@ def _newest(d: Path) -> str:
     return max((_time_utc(p) for p in d.glob("*.json")), default="")
 
 
+# <name>.csv, or a rerun's <name>.<YYYYmmddTHHMMSS>.csv (bench_w4a16.write_results' stamp)
 _VERSION = re.compile(r"(?P<name>.+?)(\.\d{8}T\d{6})?\.csv")
 
 
@@ -54,7 +59,7 @@ def result_csv(name: str, results: Path | None = None) -> Path:
     versions = [p for p in d.glob(f"{name}*.csv") if (m := _VERSION.fullmatch(p.name)) and m["name"] == name]
     if not versions:
         raise FileNotFoundError(f"no {name}.csv in {d}")
-    newest = max(versions, key=lambda p: (_time_utc(p.with_suffix(".json")) if p.with_suffix(".json").exists() else "", p.name))
+    newest = max(versions, key=lambda p: (_time_utc(p), p.name))
     if newest.name != f"{name}.csv":
         print(f"{name}: reading {newest.name}, the newest version in {d.name}")
     return newest

@@ -265,11 +265,11 @@ def _act_launch(g: torch.Tensor, u: torch.Tensor | None, bias: torch.Tensor | No
     """h = act(g + bias) (* u) into out (default: in place of g); g, u, out are [M, F] with
     unit column stride."""
     h = g if out is None else out
+    u_or_g = u if u is not None else g      # a valid pointer where GATED is off
     M, F = g.shape
     BLOCK = 1024
     _act_kernel[(M, triton.cdiv(F, BLOCK))](
-        g, u if u is not None else g, bias if bias is not None else g, h, F,
-        g.stride(0), (u if u is not None else g).stride(0), h.stride(0),
+        g, u_or_g, bias if bias is not None else g, h, F, g.stride(0), u_or_g.stride(0), h.stride(0),
         ACT=activation, GATED=u is not None, HAS_BIAS=bias is not None, BLOCK=BLOCK)
     return h
 
