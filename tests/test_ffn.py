@@ -19,7 +19,6 @@ import pytest
 import torch
 
 from tiny_gemm import Int4Weight, quantize
-from tiny_gemm.quant import joined_rows
 from tiny_gemm.ffn import (ACTIVATIONS, ffn_reference, fused_ffn, fused_gated_ffn,
                            gated_ffn_reference)
 
@@ -164,60 +163,30 @@ def test_int4_gated_ffn(dtype, mixed, M):
               fusion="none")
 
 
-@pytest.mark.parametrize("dense_down", [False, True])
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 @pytest.mark.parametrize("M", [1, 5])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int4_gated_ffn_joined_gate_up(dtype, M, activation, dense_down):
+def test_int4_gated_ffn_joined_gate_up(dtype, M, activation):
     """Gate and up as the parts of one weight: one GEMM of N = 2F reads both (F = 160, no
-    multiple of the tile width) and the down GEMM computes act(gate) * up as it loads them
-    (gated input); fusion="none" keeps two GEMMs and the activation kernel, with the same
-    result. A dense w_down takes the activation kernel and torch for the last GEMM."""
-    from tiny_gemm import ffn, w4a16
+    multiple of the tile width); fusion="none" keeps two GEMMs, with the same result."""
+    from tiny_gemm import ffn
     x, w_gate, w_up, w_down = make_gated(M, 96, 160, dtype, seed=20 + M)
     gate, up = Int4Weight.cat([int4(w_gate), int4(w_up)]).split([160, 160])
-    down = w_down if dense_down else int4(w_down)
-    launched, real = [], w4a16._gemm
+    down = int4(w_down)
+    launched, real = [], ffn.w4a16_matmul
 
     def spy(a, w, *args, **kw):
-        launched.append((w.out_features, kw.get("x_act", "")))
+        launched.append(w.out_features)
         return real(a, w, *args, **kw)
     triton_path = ffn._use_triton("auto", x.device)
-    with patch.object(w4a16, "_gemm", spy):
+    with patch.object(ffn, "w4a16_matmul", spy):
         joined = run_gated(x, gate, up, down, activation, tol=INT4_TOL)
-        want = [(320, "")] + ([] if dense_down else [(96, activation)])
-        assert launched == (want if triton_path else [])
+        assert launched == ([320, 96] if triton_path else [])
         launched.clear()
         apart = run_gated(x, gate, up, down, activation, tol=INT4_TOL, fusion="none")
-        want = [(160, ""), (160, "")] + ([] if dense_down else [(96, "")])
-        assert launched == (want if triton_path else [])
+        assert launched == ([160, 160, 96] if triton_path else [])
     # the same GEMMs over the same codes: the two paths agree to rounding of h
     check(joined, apart.double(), dtype, INT4_TOL)
-
-
-@pytest.mark.parametrize("pdl_trigger", [0, 1, 2])
-@pytest.mark.parametrize("gated_input", [False, True])
-@pytest.mark.parametrize("M", [1, 16])
-def test_int4_joined_variants_agree(M, gated_input, pdl_trigger):
-    """The joined INT4 FFN's variants (bench_ffn's ablation rows): gated input or the
-    activation kernel, with and without programmatic dependent launch (a no-op under the
-    interpreter), each poisoned-output checked against the float64 reference. h is rounded
-    to fp16 the same way in both, so the outputs agree bitwise on one configuration."""
-    from tiny_gemm import ffn
-    x, w_gate, w_up, w_down = make_gated(M, 96, 160, torch.float16, seed=40 + M)
-    gate, up = Int4Weight.cat([int4(w_gate), int4(w_up)]).split([160, 160])
-    down = int4(w_down)
-    if not ffn._use_triton("auto", x.device):
-        pytest.skip("a Triton path: CUDA or TRITON_INTERPRET=1")
-    ref = gated_ffn_reference(x, gate, up, down)
-    out = torch.full_like(x, float("nan"))
-    ffn._int4_joined(x, joined_rows(gate, up), None, down, None, "silu", out,
-                     gated_input=gated_input, pdl_trigger=pdl_trigger)
-    check(out, ref, torch.float16, INT4_TOL)
-    base = torch.full_like(x, float("nan"))
-    ffn._int4_joined(x, joined_rows(gate, up), None, down, None, "silu", base,
-                     gated_input=False, pdl_trigger=0)
-    assert torch.equal(out, base)
 
 
 # --- bad input ------------------------------------------------------------------------------

@@ -53,15 +53,12 @@ import triton
 import triton.language as tl
 
 from . import w4a16 as _w4a16
-from ._activation import ACTIVATIONS, _activate
 from ._checks import BACKENDS, check_out as _check_out, interpreting as _interpreting, use_triton as _use_triton
 from .quant import Int4Weight, _require, dequantize_float, joined_rows
 from .w4a16 import _reduce_partial, _tile_locks, w4a16_matmul
 
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 FUSIONS = ("auto", "none", "epilogue", "full")
-# The joined INT4 FFN's programmatic dependent launch (_int4_joined): where the gate/up GEMM
-# lets the down GEMM launch (w4a16._mac_tile's PDL_TRIGGER; 0 is off)
-INT4_PDL_TRIGGER = 2
 DTYPES = (torch.float16, torch.bfloat16)
 
 Weight = torch.Tensor | Int4Weight   # a dense [in, out] tensor or an INT4 [out, in] one
@@ -70,6 +67,22 @@ Weight = torch.Tensor | Int4Weight   # a dense [in, out] tensor or an INT4 [out,
 # ------------------------------------------------------------------------------------------
 # Device code
 # ------------------------------------------------------------------------------------------
+@triton.jit
+def _activate(v, ACT: tl.constexpr):
+    """act(v) elementwise in fp32. gelu_tanh uses 0.5 (1 + tanh(u)) = sigmoid(2u), which
+    needs only exp: Triton 3.6's tl.math has no tanh."""
+    if ACT == "gelu":
+        y = 0.5 * v * (1.0 + tl.math.erf(v * 0.7071067811865476))
+    elif ACT == "gelu_tanh":
+        u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        y = v / (1.0 + tl.exp(-2.0 * u))
+    elif ACT == "relu":
+        y = tl.maximum(v, 0.0)
+    else:   # silu
+        y = v / (1.0 + tl.exp(-v))
+    return y
+
+
 @triton.jit
 def _dot(a, b, acc, INTERPRET: tl.constexpr):
     """acc + a @ b in fp32. Under INTERPRET the operands are upcast (exactly): the Triton
@@ -293,28 +306,10 @@ def _ffn_int4(x2, w1, b1, w3, w2, b2, activation, out2, join: bool = True):
     if gate_up is None:
         _ffn_three_steps(x2, w1, b1, w3, w2, b2, activation, out2)
         return
-    _int4_joined(x2, gate_up, b1, w2, b2, activation, out2)
-
-
-def _int4_joined(x2, gate_up: Int4Weight, b1, w2, b2, activation, out2, gated_input: bool = True,
-                 pdl_trigger: int = INT4_PDL_TRIGGER, prefetch: bool = True) -> None:
-    """The gated INT4 FFN with gate and up as one weight [2F, D]: one GEMM writes gu [M, 2F];
-    with gated_input (and an INT4 w_down, no b1) the down GEMM reads h = act(gate) * up
-    from gu as it loads its activations (w4a16._load_x): two launches, and h never goes
-    through memory. pdl_trigger (1, 2; 0: off) lets the down GEMM launch while the first
-    still runs and (prefetch) ask for its weights in L2 (programmatic dependent launch,
-    w4a16's PDL_WAIT). Otherwise the activation kernel writes h between the GEMMs. bench_ffn's
-    ablation rows call this with the other settings."""
-    M, F = x2.shape[0], gate_up.out_features // 2
-    gu = x2.new_empty(M, 2 * F)
-    if not (gated_input and b1 is None and isinstance(w2, Int4Weight)):
-        _matmul(x2, gate_up, gu)
-        _matmul(_act_launch(gu[:, :F], gu[:, F:], b1, activation, out=x2.new_empty(M, F)), w2, out2, b2)
-        return
-    _w4a16._gemm(x2, gate_up, gu, pdl_trigger=pdl_trigger)
-    _w4a16._gemm(gu[:, :F], w2, out2, x_act=activation, pdl_wait=(2 if prefetch else 1) if pdl_trigger else 0)
-    if b2 is not None:
-        out2.add_(b2)
+    M, F = x2.shape[0], w1.out_features
+    gu = _matmul(x2, gate_up, x2.new_empty(M, 2 * F))
+    h = _act_launch(gu[:, :F], gu[:, F:], b1, activation, out=x2.new_empty(M, F))
+    _matmul(h, w2, out2, b2)
 
 
 def _ffn_epilogue(x2, w1, b1, w3, w2, b2, activation, out2):

@@ -52,9 +52,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from ._activation import ACTIVATIONS, _activate
 from ._checks import BACKENDS, check_out as _check_out, interpreting as _interpreting, use_triton as _use_triton
 from .quant import BLOCK_BYTES, K_BLOCK, Int4Weight, _require, dequantize_float
 
@@ -126,52 +124,11 @@ def _w_offset(it, stride_wb, HALF_K: tl.constexpr, W_BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _load_x(ptrs, mask, x_up, X_ACT: tl.constexpr):
-    """(g, u): the activations at ptrs, and for a gated input (X_ACT an activation, not "")
-    the up half x_up elements further on (else g again); _gated combines them."""
-    g = tl.load(ptrs, mask=mask, other=0.0)
-    if X_ACT == "":
-        u = g
-    else:
-        u = tl.load(ptrs + x_up, mask=mask, other=0.0)
-    return g, u
-
-
-@triton.jit
-def _gated(g, u, X_ACT: tl.constexpr):
-    """x = g, or for a gated input h = act(g) * u rounded to g's dtype: the FFN's down
-    projection reading the joined gate/up GEMM's output [M, 2F] as it goes, with the
-    arithmetic of ffn._act_kernel (fp32, one rounding), so that no kernel writes h."""
-    if X_ACT == "":
-        x = g
-    else:
-        x = (_activate(g.to(tl.float32), X_ACT) * u.to(tl.float32)).to(g.dtype)
-    return x
-
-
-@triton.jit
-def _prefetch_l2(w_ptr, pid_n, it_lo, it_hi, N, stride_wb, HALF_K: tl.constexpr,
-                 W_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Ask L2 for the packed bytes of K-iterations it_lo..it_hi of column tile pid_n, one
-    prefetch per 128-byte line (evict_last): what a dependent launch (PDL_WAIT) reads while
-    the kernel before it still runs. Weights only: nothing the previous kernel writes."""
-    LINES: tl.constexpr = BLOCK_N * W_BLOCK // 128
-    PER: tl.constexpr = W_BLOCK // HALF_K                  # K-iterations per K-block
-    line = tl.arange(0, LINES)
-    ok = pid_n * BLOCK_N + line * (128 // W_BLOCK) < N     # a line holds 128 // W_BLOCK columns
-    for kb in range(it_lo // PER, (it_hi + PER - 1) // PER):
-        ptrs = w_ptr + kb * stride_wb + pid_n * BLOCK_N * W_BLOCK + tl.where(ok, line * 128, 0)
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1]; mov.b32 $0, 0;", "=r,l", [ptrs],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
-              M, N, K, group_size, stride_xm, stride_wb, x_up, W_BLOCK: tl.constexpr,
+              M, N, K, group_size, stride_xm, stride_wb, W_BLOCK: tl.constexpr,
               MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
               ABLATE_DEQUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-              INTERPRET: tl.constexpr, X_ACT: tl.constexpr, PDL_WAIT: tl.constexpr,
-              PDL_TRIGGER: tl.constexpr):
+              INTERPRET: tl.constexpr):
     """acc += x[tile rows, K-iterations it_lo..it_hi) @ W[same K, tile cols], fp32.
 
     The tile is read as p[r, n] = packed[k0 // 128, n, k0 % 128 / 2 + r], BLOCK_K / 2 bytes
@@ -192,13 +149,7 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
 
     Under INTERPRET the unpack uses plain integer ops instead of inline PTX, and the dot
     operands are upcast (exactly): the Triton interpreter (3.6 to 3.9) multiplies bf16
-    operands as their raw uint16 bit patterns.
-
-    X_ACT: a gated input (_load_x). Programmatic dependent launch (off under INTERPRET):
-    PDL_WAIT 1 or 2, the kernel was launched to overlap the one before it: it waits for that
-    kernel's results before it reads x, and with 2 first prefetches its weights to L2; PDL_TRIGGER 1 or 2 lets
-    the next (PDL_WAIT) kernel launch as soon as every program reached the start (1) or the
-    end (2) of its multiply-accumulate loop."""
+    operands as their raw uint16 bit patterns."""
     HALF_K: tl.constexpr = BLOCK_K // 2
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -206,12 +157,6 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
     offs_r = tl.arange(0, HALF_K)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    if PDL_WAIT == 2:
-        _prefetch_l2(w_ptr, pid_n, it_lo, it_hi, N, stride_wb, HALF_K, W_BLOCK, BLOCK_N)
-    if PDL_WAIT > 0:
-        gdc_wait()
-    if PDL_TRIGGER == 1:
-        gdc_launch_dependents()
     # packed is [ceil(K / 2 / W_BLOCK), N, W_BLOCK], stride_wb bytes between K-blocks and zero-padded
     # along K, so a tile's bytes of one K-step are one contiguous run and need no K mask
     # (x is masked, so the padded codes add nothing)
@@ -220,10 +165,8 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
     # Loads that do not feed tl.dot are not pipelined by Triton, so the next iteration's are
     # issued before this one's math by hand: its group's scales and zeros (a DRAM latency per
     # iteration otherwise: ~20% of the time at M = 1, K 8192, N 28672 on an H200, see
-    # results/nvidia_h200/scratch/exp2_run_length_and_groups.txt); x for the FMA path, which
-    # has no dot, and for a gated input, whose activation stands between load and dot; and
-    # the FMA path's weights.
-    PREFETCH_X: tl.constexpr = (BLOCK_M == 1) or (X_ACT != "")
+    # results/nvidia_h200/scratch/exp2_run_length_and_groups.txt) and, for
+    # the FMA path, which has no dot, its weights and x as well.
     g0 = (it_lo * BLOCK_K) // group_size
     s_next = tl.load(s_ptr + g0 * N + offs_n, mask=mask_n & (it_lo < it_hi), other=0.0)
     z_next = tl.load(z_ptr + g0 * N + offs_n, mask=mask_n & (it_lo < it_hi), other=0)
@@ -231,9 +174,8 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
         acc2 = tl.zeros((HALF_K, BLOCK_N), tl.float32)
         p_next = tl.load(w_ptrs + _w_offset(it_lo, stride_wb, HALF_K, W_BLOCK),
                          mask=mask_n[None, :] & (it_lo < it_hi), other=0)
-    if PREFETCH_X:
-        g_next, u_next = _load_x(x_ptrs + it_lo * BLOCK_K, mask_m[:, None] & (offs_k[None, :] < K - it_lo * BLOCK_K)
-                                 & (it_lo < it_hi), x_up, X_ACT)
+        x_next = tl.load(x_ptrs + it_lo * BLOCK_K, mask=mask_m[:, None] & (offs_k[None, :] < K - it_lo * BLOCK_K)
+                         & (it_lo < it_hi), other=0.0)
     for it in range(it_lo, it_hi):
         k0 = it * BLOCK_K
         more = it + 1 < it_hi
@@ -242,19 +184,17 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
         g1 = (k0 + BLOCK_K) // group_size
         s_next = tl.load(s_ptr + g1 * N + offs_n, mask=mask_n & more, other=0.0)
         z_next = tl.load(z_ptr + g1 * N + offs_n, mask=mask_n & more, other=0)
-        if PREFETCH_X:
-            x = _gated(g_next, u_next, X_ACT)
-            g_next, u_next = _load_x(x_ptrs + k0 + BLOCK_K,
-                                     mask_m[:, None] & (offs_k[None, :] < K - k0 - BLOCK_K) & more, x_up, X_ACT)
-        else:
-            # one contiguous load of x, split into even and odd k in registers
-            x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
         if BLOCK_M == 1:
             p = p_next
+            x = x_next
             p_next = tl.load(w_ptrs + _w_offset(it + 1, stride_wb, HALF_K, W_BLOCK), mask=mask_n[None, :] & more,
                              other=0)
+            x_next = tl.load(x_ptrs + k0 + BLOCK_K,
+                             mask=mask_m[:, None] & (offs_k[None, :] < K - k0 - BLOCK_K) & more, other=0.0)
         else:
             p = tl.load(w_ptrs + _w_offset(it, stride_wb, HALF_K, W_BLOCK), mask=mask_n[None, :], other=0)
+            # one contiguous load of x, split into even and odd k in registers
+            x = tl.load(x_ptrs + k0, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
         xe, xo = tl.split(tl.reshape(x, (BLOCK_M, HALF_K, 2)))
         if BLOCK_M == 1:
             p32 = p.to(tl.int32)
@@ -293,8 +233,6 @@ def _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
                 x_sum = tl.sum(x.to(tl.float32), axis=1)
                 dot = tl.dot(xo, hi, tl.dot(xe, lo))
                 acc += s[None, :] * (dot - x_sum[:, None] * (z + MAGIC_OFFSET)[None, :])
-    if PDL_TRIGGER == 2:
-        gdc_launch_dependents()
     if BLOCK_M == 1:
         acc += tl.sum(acc2, axis=0)[None, :]
     return acc
@@ -375,17 +313,16 @@ def _w4a16_dp_kernel(
         M, N, K, group_size,
         # strides (packed is [ceil(K/2/W_BLOCK), N, W_BLOCK], stride_wb between its K-blocks;
         # scales, zeros [K/G, N])
-        stride_xm, stride_wb, stride_om, x_up,
+        stride_xm, stride_wb, stride_om,
         # meta-parameters
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
         ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr, W_BLOCK: tl.constexpr,
-        X_ACT: tl.constexpr, PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, 0, tl.cdiv(K, BLOCK_K),
-                    M, N, K, group_size, stride_xm, stride_wb, x_up, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT,
-                    BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, X_ACT, PDL_WAIT, PDL_TRIGGER)
+                    M, N, K, group_size, stride_xm, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
+                    INTERPRET)
     _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
 
 
@@ -396,13 +333,12 @@ def _w4a16_splitk_kernel(
         # sizes
         M, N, K, group_size,
         # strides
-        stride_xm, stride_wb, stride_om, x_up,
+        stride_xm, stride_wb, stride_om,
         # decomposition: each of the n_splits programs of a tile owns iters_per_split K-iterations
         iters_per_split, n_splits,
         # meta-parameters
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
         ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr, W_BLOCK: tl.constexpr,
-        X_ACT: tl.constexpr, PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         NUM_THREADS: tl.constexpr, REDUCE_UNROLL: tl.constexpr):
     tile_id = tl.program_id(0)
@@ -412,8 +348,8 @@ def _w4a16_splitk_kernel(
     it_hi = min(it_lo + iters_per_split, tl.cdiv(K, BLOCK_K))
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, it_lo, it_hi,
-                    M, N, K, group_size, stride_xm, stride_wb, x_up, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT,
-                    BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, X_ACT, PDL_WAIT, PDL_TRIGGER)
+                    M, N, K, group_size, stride_xm, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
+                    INTERPRET)
     _reduce_partial(acc, tile_id, split, n_splits, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
                     M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET, REDUCE_UNROLL)
 
@@ -432,13 +368,12 @@ def _w4a16_streamk_kernel(
         # sizes
         M, N, K, group_size,
         # strides
-        stride_xm, stride_wb, stride_om, x_up,
+        stride_xm, stride_wb, stride_om,
         # decomposition: total = q * P + r iterations; program p owns q (+1 if p < r) of them
         q, r, slots,
         # meta-parameters
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
         ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr, W_BLOCK: tl.constexpr,
-        X_ACT: tl.constexpr, PDL_WAIT: tl.constexpr, PDL_TRIGGER: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
         NUM_THREADS: tl.constexpr, REDUCE_UNROLL: tl.constexpr):
     pid = tl.program_id(0)
@@ -454,8 +389,8 @@ def _w4a16_streamk_kernel(
         pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         acc = _mac_tile(acc, x_ptr, w_ptr, s_ptr, z_ptr, pid_m, pid_n, k_lo, k_hi,
-                        M, N, K, group_size, stride_xm, stride_wb, x_up, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT,
-                        ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K, INTERPRET, X_ACT, PDL_WAIT, PDL_TRIGGER)
+                        M, N, K, group_size, stride_xm, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
+                        INTERPRET)
         if (k_lo == 0) & (k_hi == k_iters):
             _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om, BLOCK_M, BLOCK_N)
         else:
@@ -627,16 +562,13 @@ def _reduce_unroll(decomposition: str, block_m: int, block_n: int, num_warps: in
 
 
 def _kernel_meta(cfg: W4A16Config, act_dtype: torch.dtype, zero_int: bool, block_k: int,
-                 ablate_dequant: bool = False, interpret: bool = False, x_act: str = "",
-                 pdl_wait: int = 0, pdl_trigger: int = 0) -> dict:
+                 ablate_dequant: bool = False, interpret: bool = False) -> dict:
     """The constexpr arguments of cfg's kernel for activations of act_dtype, with block_k
-    already clamped (_launch); inspect_w4a16.py compiles the kernels offline from the same.
-    The interpreter gets no PDL (it runs no PTX)."""
+    already clamped (_launch); inspect_w4a16.py compiles the kernels offline from the same."""
     magic, offset = _MAGIC[act_dtype]
     meta = dict(MAGIC=magic, MAGIC_OFFSET=offset, ZERO_INT=zero_int, ABLATE_DEQUANT=ablate_dequant,
                 INTERPRET=interpret, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
-                GROUP_M=cfg.group_m, W_BLOCK=BLOCK_BYTES, X_ACT=x_act,
-                PDL_WAIT=0 if interpret else int(pdl_wait), PDL_TRIGGER=0 if interpret else pdl_trigger)
+                GROUP_M=cfg.group_m, W_BLOCK=BLOCK_BYTES)
     if cfg.decomposition != "dp":   # the reduction of partial tiles
         meta.update(NUM_THREADS=32 * cfg.num_warps,
                     REDUCE_UNROLL=_reduce_unroll(cfg.decomposition, cfg.block_m, cfg.block_n,
@@ -645,15 +577,10 @@ def _kernel_meta(cfg: W4A16Config, act_dtype: torch.dtype, zero_int: bool, block
 
 
 def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Config,
-            ablate_dequant: bool = False, x_act: str = "", pdl_wait: int = 0, pdl_trigger: int = 0):
+            ablate_dequant: bool = False):
     """Launch one kernel; returns Triton's handle of the compiled kernel (for inspection).
     ablate_dequant (tensor-core path only, experiments/dequant_breakdown): the same kernel
-    with its unpacking and zero point removed, to measure what they cost. Wrong results.
-    x_act: a gated input: x2 is the gate half [M, F] of a [M, 2F] buffer whose up half
-    follows it, and the kernel multiplies act(gate) * up (_load_x). pdl_wait, pdl_trigger:
-    programmatic dependent launch (_mac_tile's PDL_WAIT and PDL_TRIGGER; CUDA only):
-    pdl_wait (1, or 2 with the L2 prefetch) launches this kernel so that it overlaps the
-    one before it, which must not write what it reads before waiting: its weights."""
+    with its unpacking and zero point removed, to measure what they cost. Wrong results."""
     M, K = x2.shape
     N = qw.out_features
     G = qw.group_size
@@ -662,17 +589,13 @@ def _launch(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, cfg: W4A16Conf
     bm, bn = cfg.block_m, cfg.block_n
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     k_iters = triton.cdiv(K, bk)
-    interpret = _interpreting()
     common = dict(_kernel_meta(cfg, x2.dtype, qw.zeros.dtype == torch.int8, bk, ablate_dequant,
-                               interpret, x_act, pdl_wait, pdl_trigger),
+                               _interpreting()),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if pdl_wait and not interpret:
-        common["launch_pdl"] = True
     args = (x2, qw.packed, qw.scales, qw.zeros, out2)
     # packed [ceil(K / 128), N, 64]: 64 bytes of a column per K-block, stride(0) between
     # blocks (the whole weight's N * 64 for the parts of Int4Weight.split)
-    x_up = x2.shape[1] if x_act else 0      # the up half follows the gate half
-    sizes = (M, N, K, G, x2.stride(0), qw.packed.stride(0), out2.stride(0), x_up)
+    sizes = (M, N, K, G, x2.stride(0), qw.packed.stride(0), out2.stride(0))
     if cfg.decomposition == "dp":
         return _w4a16_dp_kernel[(tiles,)](*args, *sizes, **common)
 
@@ -743,26 +666,16 @@ def w4a16_matmul(x: torch.Tensor, qw: Int4Weight, decomposition: str = "auto",
         out.copy_(w4a16_reference(x, qw, torch.float32).to(x.dtype))
         return out
 
-    x2 = x.reshape(M, K)
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    _gemm(x2, qw, out.view(M, N), config, decomposition, split_k)
-    return out
-
-
-def _gemm(x2: torch.Tensor, qw: Int4Weight, out2: torch.Tensor, config: W4A16Config | None = None,
-          decomposition: str = "auto", split_k: int | None = None, **launch) -> None:
-    """out2 = x2 @ dequantize(qw).T for validated x2 [M, K] (unit column stride) and out2
-    [M, N] on the Triton path: the 32-bit addressing checks, the configuration, the launch.
-    launch: _launch's gated input and PDL options (the INT4 FFN's GEMMs, ffn.py)."""
-    M, K = x2.shape
-    N = qw.out_features
     # the kernels address the weight and the activations with 32-bit offsets
     span = (qw.packed.shape[0] - 1) * qw.packed.stride(0) + qw.packed.shape[1] * qw.packed.stride(1)
     _require(span < 2**31, ValueError,
              f"qw's packed codes span {span} bytes; the Triton kernels address at most 2^31 - 1 "
              "(quantize it as several weights of fewer rows)")
-    _require((M - 1) * x2.stride(0) + K * (2 if launch.get("x_act") else 1) < 2**31 and M * N < 2**31,
-             ValueError, f"x [{M}, {K}] or the output [{M}, {N}] spans 2^31 or more elements; split the batch")
-    cfg = config or select_config(M, N, K, qw.group_size, x2.device, decomposition, split_k)
-    _launch(x2, qw, out2, cfg, **launch)
+    _require(M * K < 2**31 and M * N < 2**31, ValueError,
+             f"x [{M}, {K}] or the output [{M}, {N}] has 2^31 or more elements; split the batch")
+    x2 = x.reshape(M, K)
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    cfg = config or select_config(M, N, K, qw.group_size, x.device, decomposition, split_k)
+    _launch(x2, qw, out.view(M, N), cfg)
+    return out
