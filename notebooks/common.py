@@ -97,15 +97,20 @@ def results_set_with(name: str) -> Path:
     return max(sets, key=_newest)
 
 
-def load(name: str, results: Path | None = None) -> tuple[pd.DataFrame, dict]:
-    """Rows of <name>.csv that passed their check, and the provenance beside them, from the
-    results set (default: results_dir()). A JSON that holds the provenance at its top level
-    (older runs) is wrapped the same way."""
+def load_raw(name: str, results: Path | None = None) -> tuple[pd.DataFrame, dict]:
+    """Every row of the newest <name>.csv (failed ones too, for notebooks that report them)
+    and the provenance beside it, from the results set (default: results_dir()). A JSON that
+    holds the provenance at its top level (older runs) is wrapped the same way."""
     csv = result_csv(name, results)
-    df = pd.read_csv(csv)
     meta = json.loads(csv.with_suffix(".json").read_text())
     if "provenance" not in meta:
         meta = {"provenance": meta}
+    return pd.read_csv(csv), meta
+
+
+def load(name: str, results: Path | None = None) -> tuple[pd.DataFrame, dict]:
+    """Rows of <name>.csv that passed their check, and the provenance beside them (load_raw)."""
+    df, meta = load_raw(name, results)
     if "status" not in df.columns:      # files written before the status column: the bench's check
         df["status"] = ["ok" if e <= MAX_REL_ERR else "FAILED" for e in df.rel_err]
     bad = df[df.status != "ok"]

@@ -34,3 +34,12 @@ def test_load_takes_the_provenance_of_the_version_it_reads(tmp_path):
     _result(tmp_path, "bench_w4a16.20261122T090000", "2026-11-22T09:00:00+00:00")
     df, meta = common.load("bench_w4a16", tmp_path)
     assert len(df) == 1 and meta["provenance"]["time_utc"].startswith("2026-11-22")
+
+
+def test_load_raw_keeps_the_failed_rows_that_load_leaves_out(tmp_path):
+    (tmp_path / "ffn_fusion.csv").write_text("method,M,K,N,time_us,status\nx,1,8,8,1.0,ok\ny,1,8,8,,FAILED\n")
+    (tmp_path / "ffn_fusion.json").write_text(json.dumps({"time_utc": "2026-11-21T00:00:00+00:00"}))
+    raw, meta = common.load_raw("ffn_fusion", tmp_path)
+    assert list(raw.status) == ["ok", "FAILED"] and meta["provenance"]["time_utc"].startswith("2026")
+    df, _ = common.load("ffn_fusion", tmp_path)
+    assert list(df.method) == ["x"]
