@@ -213,7 +213,7 @@ def _decode_split_kernel(
         # meta-parameters
         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-        NUM_THREADS: tl.constexpr, INTERPRET: tl.constexpr):
+        INTERPRET: tl.constexpr):
     """Split `split` of kv head hk of sequence b. With DIRECT (one split) it writes the
     normalized output to out. Otherwise it writes its partial output and log-sum-exp to the
     workspace and takes a ticket; the last split of (b, hk) to arrive combines them all
@@ -267,7 +267,7 @@ def _decode_split_kernel(
         # the splits that hold keys take a ticket each (the others returned above); the last
         # one combines (w4a16's ticket protocol)
         n_valid = tl.cdiv(seqlen, chunk)
-        if _last_to_arrive(lock_ptr, pid, n_valid, NUM_THREADS, INTERPRET):
+        if _last_to_arrive(lock_ptr, pid, n_valid):
             _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, b64, hk * kv_group, kv_group, H,
                             num_splits, n_valid, stride_ob, stride_oh, stride_od,
                             HEAD_DIM, BLOCK_G, BLOCK_S)
@@ -452,14 +452,17 @@ def _prefill_config(Nq: int, D: int, device: torch.device) -> tuple[int, int, in
     return block_m, 64, 8 if D == 128 and block_m == 128 else 4, 3
 
 
-def _decode_config(device: torch.device, splits: int) -> tuple[int, int, int]:
+def _decode_config(device: torch.device, keys_per_split: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the split kernel. On an H200 (H 32, Hkv 8, D 128,
     B 1..16, context 512..8192; results/nvidia_h200/scratch/decode_sweep.txt) 64-key blocks
-    and 4 warps were best or within 2% everywhere; a fourth stage helped the one-split launch
-    (long runs per program: 121.8 against 125.5 us at B 16, context 8192) and not the others."""
+    and 4 warps were best or within 2% everywhere. A fourth stage pays for long runs per
+    program only: at 4096 keys and more it was 3-4% faster on an H200 (B 16 at context 8192,
+    B 8 at 8192 in two splits), at 512..2048 keys 3 stages were 1-2% faster on an H100 and
+    at 512 on an H200, 4 stages at most 2% faster at 1024..2048 on an H200
+    (results/*/ticket_protocol/decode_pf.txt)."""
     if device.type != "cuda":
         return 16, 4, 1
-    return 64, 4, 4 if splits == 1 else 3
+    return 64, 4, 4 if keys_per_split >= 4096 else 3
 
 
 @lru_cache(maxsize=None)
@@ -608,7 +611,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
 
     splits = num_splits or decode_num_splits(B * Hkv, S_max, _sm_count(q.device))
-    block_n, num_warps, num_stages = _decode_config(q.device, splits)
+    block_n, num_warps, num_stages = _decode_config(q.device, triton.cdiv(S_max, splits))
     chunk = triton.cdiv(triton.cdiv(S_max, splits), block_n) * block_n
     splits = triton.cdiv(S_max, chunk)        # after rounding to whole blocks, none is empty at S_max
     direct = splits == 1       # one split per head: the split kernel writes out itself
@@ -627,7 +630,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         HEAD_DIM=D, BLOCK_H=max(16, triton.next_power_of_2(kv_group)), BLOCK_N=block_n,
         DIRECT=direct, BLOCK_G=triton.next_power_of_2(kv_group),
         BLOCK_S=min(triton.next_power_of_2(splits), max(1, 8192 // (triton.next_power_of_2(kv_group) * D))),
-        NUM_THREADS=num_warps * 32, INTERPRET=_interpreting(), num_warps=num_warps, num_stages=num_stages)
+        INTERPRET=_interpreting(), num_warps=num_warps, num_stages=num_stages)
     return out
 
 

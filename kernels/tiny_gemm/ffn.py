@@ -196,7 +196,7 @@ def _ffn_full_kernel(
         # meta-parameters
         ACT: tl.constexpr, GATED: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
         INTERPRET: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_F: tl.constexpr,
-        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, NUM_THREADS: tl.constexpr):
+        BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """fusion="full": program (f, m) computes h for F-block f and M-tile m, then contributes
     h @ w2[f-block, :] to every output tile of row-tile m as partial f of cdiv(F, BLOCK_F)."""
     pid_f = tl.program_id(0)
@@ -219,7 +219,7 @@ def _ffn_full_kernel(
             acc += tl.load(b2_ptr + offs_n, mask=mask_n & (pid_f == 0), other=0.0).to(tl.float32)[None, :]
         _reduce_partial(acc, pid_m * n_tiles + pid_n, pid_f, n_parts, pid_m, pid_n, out_ptr,
                         ws_ptr, lock_ptr, M, D, stride_om, n_parts,
-                        BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET)
+                        BLOCK_M, BLOCK_N)
 
 
 @triton.jit
@@ -351,7 +351,7 @@ def _ffn_full(x2, w1, b1, w3, w2, b2, activation, out2):
         M, D, F, *x2.stride(), *w1.stride(), *w3_.stride(), *w2.stride(), out2.stride(0),
         ACT=activation, GATED=w3 is not None, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
         INTERPRET=_interpreting(), BLOCK_M=bl["BLOCK_M"], BLOCK_F=bl["BLOCK_F"],
-        BLOCK_K=bl["BLOCK_K"], BLOCK_N=bl["BLOCK_N"], NUM_THREADS=32 * bl["num_warps"],
+        BLOCK_K=bl["BLOCK_K"], BLOCK_N=bl["BLOCK_N"],
         num_warps=bl["num_warps"])
 
 

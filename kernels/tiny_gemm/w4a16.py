@@ -10,8 +10,8 @@ and in how partial tiles are reduced:
               contiguous, near-equal ranges (Osama et al. 2023).
 
 Reduction of partial tiles (``_reduce_partial``), the same for SplitK and StreamK: each
-contributor writes its fp32 partial to its own slot, fences, then takes a ticket from a
-per-tile counter; the one that draws the last ticket sums the slots in K order (loading a
+contributor writes its fp32 partial to its own slot and, after a CTA barrier, takes a ticket
+from a per-tile counter with one release-acquire atomic (``_last_to_arrive``); the one that draws the last ticket sums the slots in K order (loading a
 few slots at once, so their L2 round trips overlap), writes the tile and resets the counter.
 Nobody waits on anybody, so it also runs under TRITON_INTERPRET=1, where programs run one
 after the other, and the sum has one order, so every decomposition is bitwise reproducible
@@ -249,7 +249,7 @@ def _store_tile(out_ptr, acc, pid_m, pid_n, M, N, stride_om,
 
 
 @triton.jit
-def _last_to_arrive(lock_ptr, idx, n_parts, NUM_THREADS: tl.constexpr, INTERPRET: tl.constexpr):
+def _last_to_arrive(lock_ptr, idx, n_parts):
     """The ticket protocol of every in-kernel reduction (w4a16's partial tiles, decode
     attention's splits): called by each of n_parts contributors right after it stored its
     partial; true for the one that draws the last ticket of counter idx, which must then read
@@ -261,8 +261,9 @@ def _last_to_arrive(lock_ptr, idx, n_parts, NUM_THREADS: tl.constexpr, INTERPRET
     stores ordered before it by the barrier. The acquire half orders that thread's later
     reads, and the barrier through which Triton hands the ticket to every thread orders
     theirs. An earlier version also fenced every thread before the barrier and again in the
-    winner: 0.4 us more per call at decode batch 1 on an H100
-    (results/nvidia_h100_80gb_hbm3/ticket_fences/)."""
+    winner; without those fences decode attention at batch 1, context 512 took 5.63 instead
+    of 6.28 us on an H100, and the SplitK / StreamK entries of the tuned tables 0.955x (H100)
+    and 0.970x (H200) the time at the median, same bits (results/*/ticket_protocol/)."""
     tl.debug_barrier()
     ticket = tl.atomic_add(lock_ptr + idx, 1, sem="acq_rel")
     return ticket == n_parts - 1
@@ -271,8 +272,7 @@ def _last_to_arrive(lock_ptr, idx, n_parts, NUM_THREADS: tl.constexpr, INTERPRET
 @triton.jit
 def _reduce_partial(acc, tile_id, j, n_parts, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
                     M, N, stride_om, SLOTS,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_THREADS: tl.constexpr,
-                    INTERPRET: tl.constexpr, UNROLL: tl.constexpr = 4):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr = 4):
     """Contributor j of n_parts to tile tile_id writes its slot; the last to arrive sums the
     slots in K order, UNROLL at a time, and writes the tile (the W4A16 kernels pass
     _reduce_unroll's choice; fused_ffn's full-fusion path keeps the default).
@@ -284,7 +284,7 @@ def _reduce_partial(acc, tile_id, j, n_parts, pid_m, pid_n, out_ptr, ws_ptr, loc
     offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] < M
     tl.store(ws_ptr + (tile_id * SLOTS + j) * TILE + offs, acc, mask=rows)
-    if _last_to_arrive(lock_ptr, tile_id, n_parts, NUM_THREADS, INTERPRET):
+    if _last_to_arrive(lock_ptr, tile_id, n_parts):
         total = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         # K order, whatever the arrival order; UNROLL slots are loaded before they are added,
         # so their L2 round trips overlap (one slot at a time, n_parts round trips ended the tile)
@@ -331,7 +331,7 @@ def _w4a16_splitk_kernel(
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
         ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr, W_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        NUM_THREADS: tl.constexpr, REDUCE_UNROLL: tl.constexpr):
+        REDUCE_UNROLL: tl.constexpr):
     tile_id = tl.program_id(0)
     split = tl.program_id(1)
     pid_m, pid_n = _tile_coords(tile_id, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -342,7 +342,7 @@ def _w4a16_splitk_kernel(
                     M, N, K, group_size, stride_xm, stride_wb, W_BLOCK, MAGIC, MAGIC_OFFSET, ZERO_INT, ABLATE_DEQUANT, BLOCK_M, BLOCK_N, BLOCK_K,
                     INTERPRET)
     _reduce_partial(acc, tile_id, split, n_splits, pid_m, pid_n, out_ptr, ws_ptr, lock_ptr,
-                    M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET, REDUCE_UNROLL)
+                    M, N, stride_om, n_splits, BLOCK_M, BLOCK_N, REDUCE_UNROLL)
 
 
 @triton.jit
@@ -366,7 +366,7 @@ def _w4a16_streamk_kernel(
         MAGIC: tl.constexpr, MAGIC_OFFSET: tl.constexpr, ZERO_INT: tl.constexpr,
         ABLATE_DEQUANT: tl.constexpr, INTERPRET: tl.constexpr, W_BLOCK: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-        NUM_THREADS: tl.constexpr, REDUCE_UNROLL: tl.constexpr):
+        REDUCE_UNROLL: tl.constexpr):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -389,7 +389,7 @@ def _w4a16_streamk_kernel(
             last = _streamk_owner(tile_id * k_iters + k_iters - 1, q, r)
             _reduce_partial(acc, tile_id, pid - first, last - first + 1, pid_m, pid_n,
                             out_ptr, ws_ptr, lock_ptr, M, N, stride_om, slots,
-                            BLOCK_M, BLOCK_N, NUM_THREADS, INTERPRET, REDUCE_UNROLL)
+                            BLOCK_M, BLOCK_N, REDUCE_UNROLL)
         it += k_hi - k_lo
 
 
@@ -561,8 +561,7 @@ def _kernel_meta(cfg: W4A16Config, act_dtype: torch.dtype, zero_int: bool, block
                 INTERPRET=interpret, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k,
                 GROUP_M=cfg.group_m, W_BLOCK=BLOCK_BYTES)
     if cfg.decomposition != "dp":   # the reduction of partial tiles
-        meta.update(NUM_THREADS=32 * cfg.num_warps,
-                    REDUCE_UNROLL=_reduce_unroll(cfg.decomposition, cfg.block_m, cfg.block_n,
+        meta.update(REDUCE_UNROLL=_reduce_unroll(cfg.decomposition, cfg.block_m, cfg.block_n,
                                                  cfg.num_warps))
     return meta
 
