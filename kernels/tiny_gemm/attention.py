@@ -455,11 +455,11 @@ def _prefill_config(Nq: int, D: int, device: torch.device) -> tuple[int, int, in
 def _decode_config(device: torch.device, keys_per_split: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the split kernel. On an H200 (H 32, Hkv 8, D 128,
     B 1..16, context 512..8192; results/nvidia_h200/scratch/decode_sweep.txt) 64-key blocks
-    and 4 warps were best or within 2% everywhere. A fourth stage pays for long runs per
-    program only: at 4096 keys and more it was 3-4% faster on an H200 (B 16 at context 8192,
-    B 8 at 8192 in two splits), at 512..2048 keys 3 stages were 1-2% faster on an H100 and
-    at 512 on an H200, 4 stages at most 2% faster at 1024..2048 on an H200
-    (results/*/ticket_protocol/decode_pf.txt)."""
+    and 4 warps were best or within 2% everywhere. A fourth stage: at 4096 keys and more per
+    program it was 3-4% faster on an H200 (B 16 at context 8192, B 8 at 8192 in two splits);
+    below that the GPUs disagree (3 stages 1-2% faster at 512..2048 keys on an H100 and at 512
+    on an H200, 4 stages 0.8% and 2.4% faster at 1024 and 2048 on an H200), and the rule
+    follows the H100 (results/*/ticket_protocol/decode_pf.txt)."""
     if device.type != "cuda":
         return 16, 4, 1
     return 64, 4, 4 if keys_per_split >= 4096 else 3
