@@ -611,8 +611,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out
 
     splits = num_splits or decode_num_splits(B * Hkv, S_max, _sm_count(q.device))
-    block_n, num_warps, num_stages = _decode_config(q.device, triton.cdiv(S_max, splits))
-    chunk = triton.cdiv(triton.cdiv(S_max, splits), block_n) * block_n
+    keys_per_split = triton.cdiv(S_max, splits)
+    block_n, num_warps, num_stages = _decode_config(q.device, keys_per_split)
+    chunk = triton.cdiv(keys_per_split, block_n) * block_n
     splits = triton.cdiv(S_max, chunk)        # after rounding to whole blocks, none is empty at S_max
     direct = splits == 1       # one split per head: the split kernel writes out itself
     part_out = torch.empty(0 if direct else B * H * splits * D, dtype=torch.float32, device=q.device)

@@ -351,8 +351,7 @@ def _ffn_full(x2, w1, b1, w3, w2, b2, activation, out2):
         M, D, F, *x2.stride(), *w1.stride(), *w3_.stride(), *w2.stride(), out2.stride(0),
         ACT=activation, GATED=w3 is not None, HAS_B1=b1 is not None, HAS_B2=b2 is not None,
         INTERPRET=_interpreting(), BLOCK_M=bl["BLOCK_M"], BLOCK_F=bl["BLOCK_F"],
-        BLOCK_K=bl["BLOCK_K"], BLOCK_N=bl["BLOCK_N"],
-        num_warps=bl["num_warps"])
+        BLOCK_K=bl["BLOCK_K"], BLOCK_N=bl["BLOCK_N"], num_warps=bl["num_warps"])
 
 
 _DENSE_PATHS = {"none": _ffn_three_steps, "epilogue": _ffn_epilogue, "full": _ffn_full}

@@ -11,8 +11,9 @@ and in how partial tiles are reduced:
 
 Reduction of partial tiles (``_reduce_partial``), the same for SplitK and StreamK: each
 contributor writes its fp32 partial to its own slot and, after a CTA barrier, takes a ticket
-from a per-tile counter with one release-acquire atomic (``_last_to_arrive``); the one that draws the last ticket sums the slots in K order (loading a
-few slots at once, so their L2 round trips overlap), writes the tile and resets the counter.
+from a per-tile counter with one release-acquire atomic (``_last_to_arrive``); the one that
+draws the last ticket sums the slots in K order (loading a few slots at once, so their L2
+round trips overlap), writes the tile and resets the counter.
 Nobody waits on anybody, so it also runs under TRITON_INTERPRET=1, where programs run one
 after the other, and the sum has one order, so every decomposition is bitwise reproducible
 on a given GPU and configuration. (The SplitK paper's fp32 atomic adds into one accumulator
