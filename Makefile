@@ -90,8 +90,9 @@ tex: ## make sure latexmk and pdflatex exist (installs Debian's TeX when root wi
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TEX_DEBS) >/dev/null; \
 	else echo "latexmk/pdflatex missing: install them, e.g. sudo apt-get install $(TEX_DEBS)"; exit 1; fi
 
-tune: $(ENV) ## search launch configs on this GPU for every shape in conf/shapes/ (and each joined gate/up) -> kernels/tiny_gemm/configs/<gpu>.json
+tune: $(ENV) ## search launch configs on this GPU: W4A16 for every shape in conf/shapes/ (and each joined gate/up) -> kernels/tiny_gemm/configs/<gpu>.json; decode attention over attention_fusion's batch x context grid -> configs/decode/<gpu>.json
 	$(PY) experiments/tune_w4a16.py
+	$(PY) experiments/tune_decode.py
 
 clean: ## remove caches and build outputs (keeps .venv and results)
 	rm -rf .pytest_cache .hypothesis build kernels/*.egg-info paper/build paper/figures paper/generated

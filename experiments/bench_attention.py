@@ -20,7 +20,12 @@ Parts (an empty methods list skips one):
 
 Methods:
   tiny_gemm       decode_attention (split-KV; check_seqlens=False in the timed calls, so no
-                  host sync is timed) or fused_attention (FlashAttention-2 style)
+                  host sync is timed) or fused_attention (FlashAttention-2 style); decode
+                  with the config a user gets (this GPU's tuned table, else the heuristic;
+                  `note` says which)
+  tiny_gemm_heuristic
+                  decode only: decode_attention with the heuristic config, what a shape outside
+                  the tuned grid (or a GPU without a table) gets
   sdpa_default    F.scaled_dot_product_attention with enable_gqa=True, backend of torch's choice
   sdpa_flash, sdpa_efficient, sdpa_cudnn, sdpa_math
                   the same with that backend pinned (torch.nn.attention.sdpa_kernel)
@@ -61,7 +66,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import tiny_gemm.attention as tg_attention
 import tiny_gemm.w4a16 as tg_w4a16
 from tiny_gemm import timing
-from tiny_gemm.attention import HEAD_DIMS, attention_reference, decode_attention, decode_num_splits, fused_attention
+from tiny_gemm.attention import (HEAD_DIMS, attention_reference, decode_attention, fused_attention,
+                                 heuristic_decode_config, tuned_decode_config)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_w4a16 import MAX_REL_ERR, _fmt, worst_rel_err  # noqa: E402
@@ -71,7 +77,7 @@ PARTS = ("decode", "prefill")
 # SDPA methods that pin one backend: the name of its torch.nn.attention.SDPBackend member
 SDPA_BACKENDS = {"sdpa_flash": "FLASH_ATTENTION", "sdpa_efficient": "EFFICIENT_ATTENTION",
                  "sdpa_cudnn": "CUDNN_ATTENTION", "sdpa_math": "MATH"}
-METHODS = ("tiny_gemm", "sdpa_default", *SDPA_BACKENDS, "naive")
+METHODS = ("tiny_gemm", "tiny_gemm_heuristic", "sdpa_default", *SDPA_BACKENDS, "naive")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 COLUMNS = ("experiment", "part", "method", "B", "H", "Hkv", "D", "Nq", "Nk", "dtype", "time_us",
            "p20_us", "p80_us", "floor_us", "pct_floor", "tflops", "rel_err", "status", "rotations",
@@ -255,9 +261,15 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backen
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
-def _tiny_decode_checked(q, k, v, seqlens):
+def _tiny_decode_checked(q, k, v, seqlens, config=None):
     q3 = q.squeeze(2)
-    return decode_attention(q3, k, v, seqlens, out=nan_like(q3)).unsqueeze(2)
+    return decode_attention(q3, k, v, seqlens, out=nan_like(q3), config=config).unsqueeze(2)
+
+
+def _short_decode(cfg) -> str:
+    """'splits 2, 64-key steps, 4 warps, 3 stages' of a DecodeConfig."""
+    return (f"splits {cfg.num_splits}, {cfg.block_n}-key steps, {cfg.num_warps} warps, "
+            f"{cfg.num_stages} stages")
 
 
 def _tiny_prefill_checked(q, k, v):
@@ -269,13 +281,20 @@ def build_method(name: str, p: Problem, inp: Inputs) -> Method:
     output is [B, H, Nq, D]."""
     rot = list(zip(inp.q, inp.k, inp.v))
     q0, k0, v0 = rot[0]
-    if name == "tiny_gemm" and p.part == "decode":
+    if name.startswith("tiny_gemm") and p.part == "decode":
         seqlens = torch.full((p.B,), p.Nk, dtype=torch.int32, device=q0.device)
-        sm = torch.cuda.get_device_properties(q0.device).multi_processor_count if q0.is_cuda else 132
-        return Method(name, [partial(decode_attention, q.squeeze(2), k, v, seqlens, check_seqlens=False)
+        heuristic = heuristic_decode_config(p.B * p.Hkv, p.Nk, q0.device)
+        if name == "tiny_gemm":      # what a user gets: the tuned table of this GPU, else the heuristic
+            cfg = None
+            tuned = tuned_decode_config(p.B * p.Hkv, p.Nk, p.D, p.H // p.Hkv, q0.device)
+            note = f"tuned table {_short_decode(tuned)}" if tuned else f"heuristic {_short_decode(heuristic)}"
+        else:                        # the heuristic alone: what a shape outside the tuned grid gets
+            cfg, note = heuristic, f"heuristic {_short_decode(heuristic)}"
+        return Method(name, [partial(decode_attention, q.squeeze(2), k, v, seqlens, check_seqlens=False, config=cfg)
                              for q, k, v in rot],
-                      partial(_tiny_decode_checked, q0, k0, v0, seqlens),
-                      f"decode_num_splits heuristic {decode_num_splits(p.B * p.Hkv, p.Nk, sm)}")
+                      partial(_tiny_decode_checked, q0, k0, v0, seqlens, cfg), note)
+    if name == "tiny_gemm_heuristic":
+        raise ValueError("tiny_gemm_heuristic is a decode method (prefill has no tuned table)")
     if name == "tiny_gemm":
         return Method(name, [partial(fused_attention, q, k, v, True) for q, k, v in rot],
                       partial(_tiny_prefill_checked, q0, k0, v0))

@@ -12,9 +12,9 @@ import triton
 import triton.language as tl
 
 from tiny_gemm import attention
-from tiny_gemm.attention import (attention_dropout_mask, attention_reference, decode_attention,
+from tiny_gemm.attention import (DecodeConfig, attention_dropout_mask, attention_reference, decode_attention,
                                  decode_attention_reference, decode_num_splits, fused_attention,
-                                 philox4x32)
+                                 philox4x32, select_decode_config)
 
 from conftest import DEVICE, INTERPRET, TOL, assert_close_to_ref, poisoned, replay_after
 
@@ -290,6 +290,76 @@ def test_decode_unchecked_lengths_stay_in_bounds():
     over = torch.tensor([45, 12], dtype=torch.int32, device=DEVICE)
     expected = decode_attention(q, k, v, lens, num_splits=2)
     assert torch.equal(decode_attention(q, k, v, over, num_splits=2, check_seqlens=False), expected)
+
+
+@pytest.mark.parametrize("cfg", [DecodeConfig(1, 32, 4, 1), DecodeConfig(3, 16, 4, 2),
+                                 DecodeConfig(7, 64, 8, 3), DecodeConfig(2, 128, 4, 1)])
+def test_decode_explicit_config(cfg):
+    """A DecodeConfig sets splits, key step, warps and stages, whatever num_splits says (the
+    tuner's candidates); a 128-key step is longer than the 100-key cache."""
+    q, k, v, lens = make_cache(3, 8, 2, 100, 64, torch.float16, [100, 1, 45], seed=cfg.num_splits)
+    check_decode(q, k, v, lens, num_splits=5, config=cfg)
+
+
+@pytest.mark.parametrize("kw, exc, match", [
+    (dict(num_splits=0), ValueError, "config.num_splits"),
+    (dict(block_n=48), ValueError, "config.block_n"),
+    (dict(block_n=8), ValueError, "config.block_n"),
+    (dict(num_warps=3), ValueError, "config.num_warps"),
+    (dict(num_stages=0), ValueError, "config.num_stages"),
+    (dict(num_splits=2.0), TypeError, "config.num_splits"),
+    (dict(block_n=True), TypeError, "config.block_n"),
+])
+def test_decode_config_rejects_bad_fields(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        DecodeConfig(**kw)
+
+
+def test_decode_rejects_a_config_of_another_type():
+    q, k, v, lens = make_cache(2, 4, 2, 16, 32, torch.float16, [16, 3])
+    with pytest.raises(TypeError, match="config must be a tiny_gemm.DecodeConfig"):
+        decode_attention(q, k, v, lens, config={"num_splits": 2})
+
+
+def test_select_decode_config_reads_the_table_grid(monkeypatch):
+    """The entry with the smallest B * Hkv >= the call's, then the smallest S_max >= the
+    call's; outside the grid, for another head layout, or with num_splits: the heuristic."""
+    grid = {(bkv, s): DecodeConfig(bkv + s // 512, 64, 4, 3) for bkv in (8, 64) for s in (512, 2048)}
+    monkeypatch.setattr(attention, "load_decode_table", lambda gpu: {(128, 4): grid})
+    monkeypatch.setattr(attention, "_device_info", lambda device: ("NVIDIA Test", 132))
+    monkeypatch.setattr(attention, "_sm_count", lambda device: 132)
+    gpu = torch.device("cuda")
+    pick = lambda bkv, s, **kw: select_decode_config(bkv, s, kw.pop("D", 128), kw.pop("group", 4), gpu, **kw)  # noqa: E731
+    assert pick(8, 512) == grid[(8, 512)]
+    assert pick(5, 600) == grid[(8, 2048)]
+    assert pick(9, 100) == grid[(64, 512)]
+    assert pick(64, 2048) == grid[(64, 2048)]
+    heuristic = attention.heuristic_decode_config
+    assert pick(65, 512) == heuristic(65, 512, gpu)            # past the batch axis
+    assert pick(8, 4096) == heuristic(8, 4096, gpu)            # past the context axis
+    assert pick(8, 512, D=64) == heuristic(8, 512, gpu)        # no entries for this head dim
+    assert pick(8, 512, group=8) == heuristic(8, 512, gpu)
+    assert pick(8, 512, num_splits=3) == heuristic(8, 512, gpu, 3) == DecodeConfig(3, 64, 4, 3)
+    # off the GPU (the interpreter) there is no table
+    assert select_decode_config(8, 512, 128, 4, torch.device("cpu")) == heuristic(8, 512, torch.device("cpu"))
+
+
+def test_shipped_decode_tables_are_complete_grids():
+    """Every shipped table parses, each (D, kv_group) holds the full product of its batch and
+    context axes (select_decode_config's rule needs it), and each entry records its check."""
+    import json
+    for path in sorted(attention.DECODE_CONFIG_DIR.glob("*.json")):
+        table = json.loads(path.read_text())
+        assert table["provenance"]["gpu"] == table["gpu"], path
+        by_layout = {}
+        for e in table["entries"]:
+            DecodeConfig(**e["best"])
+            DecodeConfig(**e["fallback"]["config"])
+            assert e["rel_err"] <= 1e-2 and e["fallback"]["rel_err"] <= 1e-2, (path, e)
+            assert e["batch_kv_heads"] == e["B"] * e["Hkv"] and e["kv_group"] == e["H"] // e["Hkv"]
+            by_layout.setdefault((e["D"], e["kv_group"]), set()).add((e["batch_kv_heads"], e["S_max"]))
+        for keys in by_layout.values():
+            assert keys == {(b, s) for b, _ in keys for _, s in keys}, path
 
 
 def test_decode_empty_batch():

@@ -72,3 +72,18 @@ def test_make_tune_covers_the_ffn_experiments_int4_gemms():
     from tune_w4a16 import config_shapes
     ffn = _compose(["experiment=ffn_fusion"]).experiment
     assert {(ffn.D, 2 * ffn.F), (ffn.F, ffn.D)} <= set(config_shapes())
+
+
+def test_make_tune_covers_every_decode_point_of_attention_fusion():
+    """tune_decode.py's default grid holds every (batch, context) that attention_fusion
+    measures, for its heads, so that tiny_gemm's decode rows come from tuned entries."""
+    from tune_decode import candidates, experiment_defaults
+    exp = _compose(["experiment=attention_fusion"]).experiment
+    d = experiment_defaults()
+    assert (d["heads"], d["kv_heads"], d["head_dim"], d["dtype"]) == (exp.heads, exp.kv_heads, exp.head_dim, exp.dtype)
+    assert set(exp.decode.batch) <= set(d["batch"]) and set(exp.decode.context) <= set(d["context"])
+    for B in d["batch"]:
+        for S in d["context"]:
+            cands = candidates(B * exp.kv_heads, S, 132)
+            assert cands and len(cands) == len(set(cands))
+            assert all(c.num_splits == 1 or B * exp.kv_heads * c.num_splits <= 4 * 132 for c in cands)

@@ -11,8 +11,8 @@
 from .quant import Int4Weight, dequantize, quantization_error, quantize
 from .dequant import dequantize_triton
 from .w4a16 import W4A16Config, select_config, w4a16_matmul, w4a16_reference
-from .attention import (attention_dropout_mask, attention_reference, decode_attention,
-                        decode_attention_reference, fused_attention)
+from .attention import (DecodeConfig, attention_dropout_mask, attention_reference, decode_attention,
+                        decode_attention_reference, fused_attention, select_decode_config)
 from .ffn import ffn_reference, fused_ffn, fused_gated_ffn, gated_ffn_reference
 from . import ops  # noqa: F401  (registers torch.ops.tiny_gemm.w4a16_mm; attention and ffn register theirs)
 
@@ -20,7 +20,7 @@ __all__ = [
     "Int4Weight", "quantize", "dequantize", "dequantize_triton", "quantization_error",
     "W4A16Config", "select_config", "w4a16_matmul", "w4a16_reference",
     "fused_attention", "attention_reference", "attention_dropout_mask",
-    "decode_attention", "decode_attention_reference",
+    "decode_attention", "decode_attention_reference", "DecodeConfig", "select_decode_config",
     "fused_ffn", "fused_gated_ffn", "ffn_reference", "gated_ffn_reference",
 ]
 __version__ = "0.1.0"

@@ -47,7 +47,9 @@ Outputs are contiguous.
 """
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import torch
@@ -56,7 +58,7 @@ import triton.language as tl
 
 from ._checks import check_out as _check_out, interpreting as _interpreting, use_triton as _use_triton
 from .quant import _require
-from .w4a16 import _last_to_arrive, _tile_locks
+from .w4a16 import CONFIG_DIR, _device_info, _last_to_arrive, _tile_locks, gpu_slug
 
 HEAD_DIMS = (32, 64, 128)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -482,6 +484,80 @@ def decode_num_splits(batch_kv_heads: int, max_seqlen: int, sm_count: int) -> in
     return max(1, min(want, triton.cdiv(max_seqlen, MIN_KEYS_PER_SPLIT)))
 
 
+DECODE_CONFIG_DIR = CONFIG_DIR / "decode"
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch configuration of ``decode_attention``: num_splits chunks of the cache per
+    (sequence, kv head), block_n keys per step of the split kernel, its num_warps and
+    num_stages. Splits are whole block_n-key blocks, so the count is reduced to what S_max
+    fills."""
+
+    num_splits: int = 1
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        for name, v in asdict(self).items():
+            _require(isinstance(v, int) and not isinstance(v, bool), TypeError,
+                     f"config.{name} must be an int, got {type(v).__name__}")
+        _require(self.num_splits >= 1, ValueError, f"config.num_splits must be >= 1, got {self.num_splits}")
+        _require(self.block_n >= 16 and self.block_n & (self.block_n - 1) == 0, ValueError,
+                 f"config.block_n must be a power of two >= 16, got {self.block_n}")
+        _require(self.num_warps in (1, 2, 4, 8, 16), ValueError,
+                 f"config.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+        _require(self.num_stages >= 1, ValueError, f"config.num_stages must be >= 1, got {self.num_stages}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@lru_cache(maxsize=None)
+def load_decode_table(gpu_name: str) -> dict:
+    """The tuned decode table of a GPU (configs/decode/<gpu slug>.json, written by
+    experiments/tune_decode.py): {(D, kv_group): {(batch_kv_heads, S_max): DecodeConfig}};
+    empty if none is shipped."""
+    path = DECODE_CONFIG_DIR / f"{gpu_slug(gpu_name)}.json"
+    if not path.exists():
+        return {}
+    table: dict = {}
+    for e in json.loads(path.read_text())["entries"]:
+        table.setdefault((e["D"], e["kv_group"]), {})[(e["batch_kv_heads"], e["S_max"])] = \
+            DecodeConfig(**e["best"])
+    return table
+
+
+def heuristic_decode_config(batch_kv_heads: int, S_max: int, device: torch.device,
+                            num_splits: int | None = None) -> DecodeConfig:
+    """Fallback where the tuned table has no entry: decode_num_splits (unless num_splits is
+    given), then _decode_config for that split length."""
+    splits = num_splits or decode_num_splits(batch_kv_heads, S_max, _sm_count(device))
+    return DecodeConfig(splits, *_decode_config(device, triton.cdiv(S_max, splits)))
+
+
+def select_decode_config(batch_kv_heads: int, S_max: int, D: int, kv_group: int,
+                         device: torch.device, num_splits: int | None = None) -> DecodeConfig:
+    """The configuration decode_attention uses. Without num_splits: the tuned table of this
+    GPU, from its entry of the same head dim and query heads per kv head with the smallest
+    batch_kv_heads (B * Hkv) >= the call's and, among those, the smallest S_max >= the
+    call's (the table is a grid over both). A call outside the grid, or on a GPU without a
+    table, gets heuristic_decode_config; so does an explicit num_splits."""
+    tuned = tuned_decode_config(batch_kv_heads, S_max, D, kv_group, device) if num_splits is None else None
+    return tuned or heuristic_decode_config(batch_kv_heads, S_max, device, num_splits)
+
+
+def tuned_decode_config(batch_kv_heads: int, S_max: int, D: int, kv_group: int,
+                        device: torch.device) -> DecodeConfig | None:
+    """The tuned table's config for a call (see select_decode_config), or None."""
+    if device.type != "cuda":
+        return None
+    entries = load_decode_table(_device_info(device)[0]).get((D, kv_group), {})
+    fits = [key for key in entries if key[0] >= batch_kv_heads and key[1] >= S_max]
+    return entries[min(fits)] if fits else None
+
+
 # ------------------------------------------------------------------------------------------
 # Public entry points
 # ------------------------------------------------------------------------------------------
@@ -560,7 +636,8 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_seqlens: torch.Tensor, num_splits: int | None = None,
                      sm_scale: float | None = None, backend: str = "auto", *,
-                     out: torch.Tensor | None = None, check_seqlens: bool = True) -> torch.Tensor:
+                     out: torch.Tensor | None = None, check_seqlens: bool = True,
+                     config: DecodeConfig | None = None) -> torch.Tensor:
     """One query token per sequence over a KV cache, split-KV (Flash-Decoding), -> [B, H, D].
 
     q: [B, H, D]; k_cache, v_cache: [B, Hkv, S_max, D] with H a multiple of Hkv; fp16 or
@@ -569,14 +646,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         Checked on the host, which costs a device sync, unless check_seqlens is False or a
         CUDA graph is being captured. Unchecked lengths are clamped to S_max in the kernels
         (no out-of-bounds reads); a length < 1 then gives NaN.
-    num_splits: chunks of the cache per (sequence, kv head); None: ``decode_num_splits``.
-        Splits are whole BLOCK_N-key blocks, so the count is reduced to what S_max fills.
+    num_splits: chunks of the cache per (sequence, kv head); None: the tuned table of this
+        GPU, else ``decode_num_splits`` (see ``select_decode_config``). Splits are whole
+        BLOCK_N-key blocks, so the count is reduced to what S_max fills.
     sm_scale: softmax scale, default 1 / sqrt(D).
     backend: "auto" (Triton on CUDA tensors or under TRITON_INTERPRET=1, else PyTorch in
         fp32), "triton" or "torch".
     out: contiguous result buffer.
     check_seqlens: False skips the host check of cache_seqlens and its sync (decode loops,
         benchmarks).
+    config: an explicit DecodeConfig (overrides num_splits and the tuned table).
     """
     _check_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"), "[B, H, D]", "[B, Hkv, S_max, D]")
     _require(isinstance(cache_seqlens, torch.Tensor), TypeError,
@@ -594,6 +673,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         _require(num_splits >= 1, ValueError, f"num_splits must be >= 1, got {num_splits}")
     _check_sm_scale(sm_scale)
     _require(isinstance(check_seqlens, bool), TypeError, "check_seqlens must be a bool")
+    _require(config is None or isinstance(config, DecodeConfig), TypeError,
+             f"config must be a tiny_gemm.DecodeConfig or None, got {type(config).__name__}")
     use_triton = _use_triton(backend, q.device)
     out = _check_out(out, q.shape, q, "q")
     H, D = q.shape[1], q.shape[2]
@@ -610,10 +691,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.copy_(decode_attention_reference(q, k_cache, v_cache, cache_seqlens, sm_scale, torch.float32))
         return out
 
-    splits = num_splits or decode_num_splits(B * Hkv, S_max, _sm_count(q.device))
-    keys_per_split = triton.cdiv(S_max, splits)
-    block_n, num_warps, num_stages = _decode_config(q.device, keys_per_split)
-    chunk = triton.cdiv(keys_per_split, block_n) * block_n
+    kv_group = H // Hkv
+    cfg = config or select_decode_config(B * Hkv, S_max, D, kv_group, q.device, num_splits)
+    block_n = cfg.block_n
+    chunk = triton.cdiv(triton.cdiv(S_max, cfg.num_splits), block_n) * block_n
     splits = triton.cdiv(S_max, chunk)        # after rounding to whole blocks, none is empty at S_max
     direct = splits == 1       # one split per head: the split kernel writes out itself
     part_out = torch.empty(0 if direct else B * H * splits * D, dtype=torch.float32, device=q.device)
@@ -621,7 +702,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if POISON_WORKSPACE:
         part_out.fill_(float("nan"))
         part_lse.fill_(float("nan"))
-    kv_group = H // Hkv
     locks = part_lse if direct else _tile_locks(q.device, B * Hkv)   # zero at rest
     _decode_split_kernel[(B * Hkv, splits)](
         q, k_cache, v_cache, cache_seqlens, part_out, part_lse, out, locks,
@@ -631,7 +711,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         HEAD_DIM=D, BLOCK_H=max(16, triton.next_power_of_2(kv_group)), BLOCK_N=block_n,
         DIRECT=direct, BLOCK_G=triton.next_power_of_2(kv_group),
         BLOCK_S=min(triton.next_power_of_2(splits), max(1, 8192 // (triton.next_power_of_2(kv_group) * D))),
-        INTERPRET=_interpreting(), num_warps=num_warps, num_stages=num_stages)
+        INTERPRET=_interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
