@@ -29,6 +29,8 @@ head h // (H // Hkv). Head dims 32, 64 and 128, fp16 and bf16, fp32 accumulation
     and the combine reads only the cdiv(len, chunk) splits that hold keys, so empty splits
     cannot leak NaN (the tests fill the workspace with NaN to check). As with w4a16, calls
     that run concurrently on different streams of one device must not share the counters.
+    Split count, keys per step, warps and stages: ``select_decode_config`` (this GPU's tuned
+    table in configs/decode/, written by experiments/tune_decode.py, else a heuristic).
 
 Dropout (``fused_attention``, dropout_p > 0), as in FlashAttention: the normalizer uses the
 softmax before dropout, kept probabilities are scaled by 1 / (1 - p) (folded into the final
