@@ -77,8 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def candidates(batch_kv_heads: int, S_max: int, n_sm: int, quick: bool = False) -> list[DecodeConfig]:
     """Candidate configs of one point, pruned: at most four programs per SM, at least 32 keys
-    per split, and no two candidates that run the same launch (a split count that rounds to
-    whole blocks like a smaller one, a step longer than every split)."""
+    per split, no key step of twice a split's keys or more (it would load mostly masked keys),
+    and no two candidates that run the same launch (a split count that rounds to the same
+    whole blocks as a smaller one)."""
     splits = (1, 2, 4, 8, 16) if quick else SPLITS
     tiles = ((64, 4), (128, 4)) if quick else TILES
     stages = (3,) if quick else STAGES
@@ -86,10 +87,11 @@ def candidates(batch_kv_heads: int, S_max: int, n_sm: int, quick: bool = False) 
     for s in splits:
         if s > 1 and (batch_kv_heads * s > 4 * n_sm or triton.cdiv(S_max, s) < 32):
             continue
+        keys = triton.cdiv(S_max, s)
         for block_n, warps in tiles:
-            chunk = triton.cdiv(triton.cdiv(S_max, s), block_n) * block_n
-            if block_n > 16 and block_n // 2 >= chunk:
-                continue                          # every split fits half the step: a shorter step runs the same keys
+            if block_n > 32 and 2 * keys <= block_n:
+                continue
+            chunk = triton.cdiv(keys, block_n) * block_n
             for ns in stages:
                 key = (triton.cdiv(S_max, chunk), chunk, block_n, warps, ns)
                 if key not in seen:
