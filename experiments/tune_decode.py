@@ -19,7 +19,6 @@ Entries already in the output file for points not re-tuned are kept.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from functools import partial
@@ -36,6 +35,7 @@ from tiny_gemm.w4a16 import gpu_slug
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_attention import DTYPES, Problem, make_inputs, nan_like, poisoned_workspaces  # noqa: E402
 from bench_w4a16 import MAX_REL_ERR, parse_ints, worst_rel_err  # noqa: E402
+from tune_w4a16 import load_table, write_table  # noqa: E402
 
 EXPERIMENT_CONFIG = Path(__file__).resolve().parents[1] / "conf" / "experiment" / "attention_fusion.yaml"
 SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -155,14 +155,6 @@ def format_entry(e: dict) -> str:
             f" | {e['candidates']} candidates")
 
 
-def merge_entries(path: Path, entries: list[dict]) -> list[dict]:
-    """entries, plus those already in the table at path for points not re-tuned."""
-    key = lambda e: (e["D"], e["kv_group"], e["batch_kv_heads"], e["S_max"])  # noqa: E731
-    new = {key(e) for e in entries}
-    old = json.loads(path.read_text())["entries"] if path.exists() else []
-    return sorted([e for e in old if key(e) not in new] + entries, key=key)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -171,11 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
     out = args.out or DECODE_CONFIG_DIR / f"{gpu_slug(props.name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    earlier = None
-    if out.exists():
-        old = json.loads(out.read_text())
-        earlier = [old["provenance"]] + old.get("provenance_of_other_entries", [])
+    start = load_table(out)
     run_config = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
                   for k, v in vars(args).items()}
     t0 = time.perf_counter()
@@ -185,12 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.perf_counter()
             entries.append(tune_point(B, S, args, props.multi_processor_count))
             print(f"{format_entry(entries[-1])}   [{time.perf_counter() - t1:.0f} s]", flush=True)
-            # written after every point, so an interrupted run keeps what it measured
-            table = {"gpu": props.name, "provenance": timing.provenance(config=run_config),
-                     "entries": merge_entries(out, entries)}
-            if earlier and len(table["entries"]) > len(entries):
-                table["provenance_of_other_entries"] = earlier
-            out.write_text(json.dumps(table, indent=1) + "\n")
+            write_table(out, props.name, start, entries, run_config,
+                        key=lambda e: (e["D"], e["kv_group"], e["batch_kv_heads"], e["S_max"]))
     print(f"\nchosen configurations ({time.perf_counter() - t0:.0f} s, {props.name}):")
     for e in entries:
         print(format_entry(e))

@@ -215,12 +215,24 @@ def format_entry(e: dict) -> str:
     return f"M={e['M']:<3} K={e['K']:<6} N={e['N']:<6} auto={e['auto']:<8} " + " | ".join(parts)
 
 
-def merge_entries(path: Path, entries: list[dict]) -> list[dict]:
-    """entries, plus those already in the table at path for keys not re-tuned."""
-    key = lambda e: (e["M"], e["K"], e["N"], e["group_size"])  # noqa: E731
+def load_table(path: Path) -> dict:
+    """The table at path as a tuning run finds it (no entries if there is none)."""
+    return json.loads(path.read_text()) if path.exists() else {"entries": []}
+
+
+def write_table(path: Path, gpu: str, start: dict, entries: list[dict], config: dict, key, order=None) -> None:
+    """Write the tuned table at path: this run's entries, plus those of `start` (the table the
+    run found, load_table) whose key(e) was not re-tuned, sorted by order(e) (default key);
+    the kept entries keep their provenance, under provenance_of_other_entries. Called after
+    every tuned shape, so an interrupted run keeps what it measured. Shared by tune_decode.py."""
     new = {key(e) for e in entries}
-    old = json.loads(path.read_text())["entries"] if path.exists() else []
-    return sorted([e for e in old if key(e) not in new] + entries, key=lambda e: (e["K"], e["N"], e["M"]))
+    kept = [e for e in start["entries"] if key(e) not in new]
+    table = {"gpu": gpu, "provenance": timing.provenance(config=config),
+             "entries": sorted(kept + entries, key=order or key)}
+    if kept:
+        table["provenance_of_other_entries"] = [start["provenance"]] + start.get("provenance_of_other_entries", [])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table, indent=1) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,22 +245,14 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or CONFIG_DIR / f"{gpu_slug(props.name)}.json"
     t0 = time.perf_counter()
     entries = []
-    out.parent.mkdir(parents=True, exist_ok=True)
-    earlier = None
-    if out.exists():
-        old = json.loads(out.read_text())
-        earlier = [old["provenance"]] + old.get("provenance_of_other_entries", [])
+    start = load_table(out)
+    config = {"replays": args.replays, "quick": args.quick, "stages": args.stages, "M": list(args.M),
+              "shapes": args.shapes}
     for K, N in args.shapes:
         entries += tune_shape(K, N, args.M, props.multi_processor_count, args.replays, args.quick, args.stages)
-        # written after every shape, so an interrupted run keeps what it measured
-        table = {"gpu": props.name,
-                 "provenance": timing.provenance(config={"replays": args.replays, "quick": args.quick, "stages": args.stages,
-                                                         "M": list(args.M), "shapes": args.shapes}),
-                 "entries": merge_entries(out, entries)}
-        if earlier and len(table["entries"]) > len(entries):
-            # entries kept from the table this run started from: their provenance stays with them
-            table["provenance_of_other_entries"] = earlier
-        out.write_text(json.dumps(table, indent=1) + "\n")
+        write_table(out, props.name, start, entries, config,
+                    key=lambda e: (e["M"], e["K"], e["N"], e["group_size"]),
+                    order=lambda e: (e["K"], e["N"], e["M"]))
     print(f"\nchosen configurations ({time.perf_counter() - t0:.0f} s):")
     for e in entries:
         print(format_entry(e))
