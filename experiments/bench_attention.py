@@ -267,9 +267,9 @@ def _tiny_decode_checked(q, k, v, seqlens, config=None):
 
 
 def _short_decode(cfg) -> str:
-    """'splits 2, 64-key steps, 4 warps, 3 stages' of a DecodeConfig."""
+    """'splits 2, 64-key steps, 4 warps, 3 stages[, L2 prefetch of the first block]' of a DecodeConfig."""
     return (f"splits {cfg.num_splits}, {cfg.block_n}-key steps, {cfg.num_warps} warps, "
-            f"{cfg.num_stages} stages")
+            f"{cfg.num_stages} stages{', L2 prefetch of the first block' if cfg.prefetch else ''}")
 
 
 def _tiny_prefill_checked(q, k, v):

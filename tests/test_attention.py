@@ -293,10 +293,12 @@ def test_decode_unchecked_lengths_stay_in_bounds():
 
 
 @pytest.mark.parametrize("cfg", [DecodeConfig(1, 32, 4, 1), DecodeConfig(3, 16, 4, 2),
-                                 DecodeConfig(7, 64, 8, 3), DecodeConfig(2, 128, 4, 1)])
+                                 DecodeConfig(7, 64, 8, 3), DecodeConfig(2, 128, 4, 1),
+                                 DecodeConfig(3, 32, 4, 2, prefetch=1)])
 def test_decode_explicit_config(cfg):
-    """A DecodeConfig sets splits, key step, warps and stages, whatever num_splits says (the
-    tuner's candidates); a 128-key step is longer than the 100-key cache."""
+    """A DecodeConfig sets splits, key step, warps, stages and the L2 prefetch, whatever
+    num_splits says (the tuner's candidates); a 128-key step is longer than the 100-key cache.
+    The interpreter skips the prefetch; test_gpu_decode_prefetch runs it."""
     q, k, v, lens = make_cache(3, 8, 2, 100, 64, torch.float16, [100, 1, 45], seed=cfg.num_splits)
     check_decode(q, k, v, lens, num_splits=5, config=cfg)
 
@@ -309,6 +311,8 @@ def test_decode_explicit_config(cfg):
     (dict(num_stages=0), ValueError, "config.num_stages"),
     (dict(num_splits=2.0), TypeError, "config.num_splits"),
     (dict(block_n=True), TypeError, "config.block_n"),
+    (dict(prefetch=2), ValueError, "config.prefetch"),
+    (dict(prefetch=True), TypeError, "config.prefetch"),
 ])
 def test_decode_config_rejects_bad_fields(kw, exc, match):
     with pytest.raises(exc, match=match):
@@ -539,6 +543,23 @@ def test_gpu_decode_long(num_splits, dtype):
     lens = [1, 8192, 4097, 63] + torch.randint(1, 8193, (12,), generator=g).tolist()
     q, k, v, lens = make_cache(16, 32, 8, 8192, 128, dtype, lens)
     check_decode(q, k, v, lens, num_splits=num_splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("cfg", [DecodeConfig(1, 64, 4, 3, prefetch=1), DecodeConfig(16, 64, 4, 3, prefetch=1),
+                                 DecodeConfig(3, 128, 8, 4, prefetch=1), DecodeConfig(64, 32, 4, 2, prefetch=1)])
+def test_gpu_decode_prefetch(cfg, D):
+    """The L2 prefetch of each split's first block changes nothing: ragged lengths (splits
+    past a sequence's end prefetch and return), a first block that passes S_max = 47 * 64 + 1
+    (64 splits of 32-key steps: the last split starts at key 3008; the prefetch addresses are
+    clamped), strided caches."""
+    lens = [1, 3008, 2049, 64, 777, 3009]
+    q, k, v, lens = make_cache(6, 16, 4, 3009, D, torch.float16, lens, seed=D + cfg.num_splits)
+    check_decode(q, k, v, lens, config=cfg)
+    ks = torch.randn(6, 3009, 4, D, dtype=torch.float16, device=DEVICE).transpose(1, 2)   # [B, Hkv, S, D], strided
+    vs = torch.randn(6, 3009, 4, D, dtype=torch.float16, device=DEVICE).transpose(1, 2)
+    check_decode(q, ks, vs, lens, config=cfg)
 
 
 @pytest.mark.gpu

@@ -86,4 +86,5 @@ def test_make_tune_covers_every_decode_point_of_attention_fusion():
         for S in d["context"]:
             cands = candidates(B * exp.kv_heads, S, 132)
             assert cands and len(cands) == len(set(cands))
+            assert {c.prefetch for c in cands} == {0, 1}
             assert all(c.num_splits == 1 or B * exp.kv_heads * c.num_splits <= 4 * 132 for c in cands)

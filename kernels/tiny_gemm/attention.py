@@ -217,18 +217,29 @@ def _decode_split_kernel(
         # meta-parameters
         HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
         DIRECT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-        INTERPRET: tl.constexpr):
+        PREFETCH: tl.constexpr, INTERPRET: tl.constexpr):
     """Split `split` of kv head hk of sequence b. With DIRECT (one split) it writes the
     normalized output to out. Otherwise it writes its partial output and log-sum-exp to the
     workspace and takes a ticket; the last split of (b, hk) to arrive combines them all
     (_combine_splits). A second, combine kernel cost 0.4-0.7 us more at B 1..4 on an H200
-    (results/nvidia_h200/scratch/decode_ab.txt): its launch is on the critical path."""
+    (results/nvidia_h200/scratch/decode_ab.txt): its launch is on the critical path.
+    PREFETCH: first ask L2 for the split's first key block of K and V, whose addresses do not
+    depend on the sequence length, so that their DRAM latency overlaps the length's load (the
+    loop's loads wait for it). It has no effect on the result; the interpreter skips it."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // Hkv
     hk = pid % Hkv
-    seqlen = tl.minimum(tl.load(seqlens_ptr + b), S_max)    # unchecked lengths stay in bounds
     lo = split * chunk
+    b64 = b.to(tl.int64)
+    if PREFETCH and not INTERPRET:
+        LINES: tl.constexpr = (HEAD_DIM * 2 + 127) // 128         # 128-byte lines per 16-bit key
+        idx = tl.arange(0, BLOCK_N * LINES)
+        key = tl.minimum(lo + idx // LINES, S_max - 1)           # in bounds: chunk may pass S_max
+        d = (idx % LINES) * 64
+        _prefetch_l2(k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh + key * stride_kn + d * stride_kd)
+        _prefetch_l2(v_ptr + b64 * stride_vb + hk.to(tl.int64) * stride_vh + key * stride_vn + d * stride_vd)
+    seqlen = tl.minimum(tl.load(seqlens_ptr + b), S_max)    # unchecked lengths stay in bounds
     if lo >= seqlen:        # past the end of this sequence; the combine does not read it
         return
     hi = tl.minimum(lo + chunk, seqlen)
@@ -238,7 +249,6 @@ def _decode_split_kernel(
     row_ok = rows < kv_group
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    b64 = b.to(tl.int64)
     q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=row_ok[:, None], other=0.0)
     k_ptrs = k_ptr + b64 * stride_kb + hk.to(tl.int64) * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
@@ -276,6 +286,13 @@ def _decode_split_kernel(
                             num_splits, n_valid, stride_ob, stride_oh, stride_od,
                             HEAD_DIM, BLOCK_G, BLOCK_S)
             tl.store(lock_ptr + pid, 0)
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """prefetch.global.L2 of each address (no value; the dummy result is not used)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.b32 $0, 0;", "=r,l", [ptrs],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -494,12 +511,15 @@ class DecodeConfig:
     """Launch configuration of ``decode_attention``: num_splits chunks of the cache per
     (sequence, kv head), block_n keys per step of the split kernel, its num_warps and
     num_stages. Splits are whole block_n-key blocks, so the count is reduced to what S_max
-    fills."""
+    fills. prefetch 1: each split first asks L2 for its first block of keys and values, before
+    it reads the sequence length (on a ragged cache, splits past a sequence's end then read a
+    block they do not use); 0: it does not."""
 
     num_splits: int = 1
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: int = 0
 
     def __post_init__(self) -> None:
         for name, v in asdict(self).items():
@@ -511,6 +531,7 @@ class DecodeConfig:
         _require(self.num_warps in (1, 2, 4, 8, 16), ValueError,
                  f"config.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         _require(self.num_stages >= 1, ValueError, f"config.num_stages must be >= 1, got {self.num_stages}")
+        _require(self.prefetch in (0, 1), ValueError, f"config.prefetch must be 0 or 1, got {self.prefetch}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -711,7 +732,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(),
         sm_scale * LOG2E,
         HEAD_DIM=D, BLOCK_H=max(16, triton.next_power_of_2(kv_group)), BLOCK_N=block_n,
-        DIRECT=direct, BLOCK_G=triton.next_power_of_2(kv_group),
+        DIRECT=direct, BLOCK_G=triton.next_power_of_2(kv_group), PREFETCH=cfg.prefetch,
         BLOCK_S=min(triton.next_power_of_2(splits), max(1, 8192 // (triton.next_power_of_2(kv_group) * D))),
         INTERPRET=_interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
