@@ -343,7 +343,8 @@ def test_select_decode_config_reads_the_table_grid(monkeypatch):
     assert pick(8, 4096) == heuristic(8, 4096, gpu)            # past the context axis
     assert pick(8, 512, D=64) == heuristic(8, 512, gpu)        # no entries for this head dim
     assert pick(8, 512, group=8) == heuristic(8, 512, gpu)
-    assert pick(8, 512, num_splits=3) == heuristic(8, 512, gpu, 3) == DecodeConfig(3, 64, 4, 3)
+    assert pick(8, 512, num_splits=3) == heuristic(8, 512, gpu, 3) == DecodeConfig(3, 64, 4, 3, prefetch=1)
+    assert heuristic(8, 512, gpu, 8) == DecodeConfig(8, 64, 4, 3, prefetch=0)   # 64 keys per split
     # off the GPU (the interpreter) there is no table
     assert select_decode_config(8, 512, 128, 4, torch.device("cpu")) == heuristic(8, 512, torch.device("cpu"))
 

@@ -29,8 +29,10 @@ head h // (H // Hkv). Head dims 32, 64 and 128, fp16 and bf16, fp32 accumulation
     and the combine reads only the cdiv(len, chunk) splits that hold keys, so empty splits
     cannot leak NaN (the tests fill the workspace with NaN to check). As with w4a16, calls
     that run concurrently on different streams of one device must not share the counters.
-    Split count, keys per step, warps and stages: ``select_decode_config`` (this GPU's tuned
-    table in configs/decode/, written by experiments/tune_decode.py, else a heuristic).
+    Split count, keys per step, warps, stages and whether each split first asks L2 for its
+    first key block (before the length load it would otherwise wait on):
+    ``select_decode_config`` (this GPU's tuned table in configs/decode/, written by
+    experiments/tune_decode.py, else a heuristic).
 
 Dropout (``fused_attention``, dropout_p > 0), as in FlashAttention: the normalizer uses the
 softmax before dropout, kept probabilities are scaled by 1 / (1 - p) (folded into the final
@@ -473,17 +475,21 @@ def _prefill_config(Nq: int, D: int, device: torch.device) -> tuple[int, int, in
     return block_m, 64, 8 if D == 128 and block_m == 128 else 4, 3
 
 
-def _decode_config(device: torch.device, keys_per_split: int) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) of the split kernel. On an H200 (H 32, Hkv 8, D 128,
-    B 1..16, context 512..8192; results/nvidia_h200/scratch/decode_sweep.txt) 64-key blocks
+def _decode_config(device: torch.device, keys_per_split: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, num_warps, num_stages, prefetch) of the split kernel. The L2 prefetch of the
+    first block: tune_decode at f23e03b chose it at every point of its grid with 128 keys per
+    split or more on an H100 and at all but one on an H200 (B 16, context 2048, where its
+    pick without it was 1% faster than the heuristic), and at none with 64 (batch 1 and 2 at
+    context 512, batch 1 at 1024), on both GPUs (results/*/tune_decode_f23e03b.txt). On an
+    H200 (H 32, Hkv 8, D 128, B 1..16, context 512..8192; results/nvidia_h200/scratch/decode_sweep.txt) 64-key blocks
     and 4 warps were best or within 2% everywhere. A fourth stage: at 4096 keys and more per
     program it was 3-4% faster on an H200 (B 16 at context 8192, B 8 at 8192 in two splits);
     below that the GPUs disagree (3 stages 1-2% faster at 512..2048 keys on an H100 and at 512
     on an H200, 4 stages 0.8% and 2.4% faster at 1024 and 2048 on an H200), and the rule
     follows the H100 (results/*/ticket_protocol/decode_pf.txt)."""
     if device.type != "cuda":
-        return 16, 4, 1
-    return 64, 4, 4 if keys_per_split >= 4096 else 3
+        return 16, 4, 1, 0
+    return 64, 4, 4 if keys_per_split >= 4096 else 3, int(keys_per_split >= 128)
 
 
 @lru_cache(maxsize=None)
